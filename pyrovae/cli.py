@@ -1,0 +1,230 @@
+"""Command-line interface: ``pyrovae fit | evaluate | sample | compare``.
+
+User errors (bad config, bad data, missing files, unsafe checkpoints) print one line starting
+with ``pyrovae: error:`` and exit with status 2; no traceback. Ctrl-C during ``fit`` writes a
+checkpoint and exits with status 130; ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from pyrovae.errors import PyroVAEError
+
+EPILOG_FIT = """\
+examples:
+  pyrovae fit examples/configs/digits_vae.toml --out runs/vae
+  pyrovae fit examples/configs/digits_vae.toml --out runs/vae --set train.epochs=5 --set model.latent_dim=8
+  pyrovae fit CONFIG --out runs/vae --set 'model.prior={kind="mixture", components=10}'
+  pyrovae fit CONFIG --out runs/vae --resume            # continue after Ctrl-C or a crash
+"""
+EPILOG_EVALUATE = """\
+examples:
+  pyrovae evaluate runs/vae
+  pyrovae evaluate runs/vae --json
+"""
+EPILOG_SAMPLE = """\
+examples:
+  pyrovae sample runs/vae -n 64 --out samples.png
+"""
+EPILOG_COMPARE = """\
+examples:
+  pyrovae compare examples/configs/digits_vae.toml --out runs/compare
+  pyrovae compare CONFIG --out runs/compare --set train.epochs=10
+"""
+
+#: other modules add subcommands here: name -> (add_arguments, handler)
+EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def comparison_table(rows: list[tuple[str, dict]]) -> str:
+    """Side-by-side table of finished runs' metrics."""
+    head = ["model", "test ELBO (nats/pt)", "recon. error (SSE/pt)", "parameters", "train seconds"]
+    body = [
+        [name, _fmt(m.get("test_elbo")), _fmt(m.get("test_reconstruction_error"), 3), f"{m.get('num_parameters', 0):,}", _fmt(m.get("train_seconds"), 1)]
+        for name, m in rows
+    ]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    notes = (
+        "test ELBO: single-sample ELBO estimate averaged over the test split (a lower bound on log p(x); "
+        "the AE has none). recon. error: sum of squared errors per test point, x̂ = E[x|z=E_q z]."
+    )
+    return "\n".join([line(head), sep, *[line(r) for r in body], "", textwrap.fill(notes, 100)])
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from pyrovae.train import fit
+
+    config = args.config
+    if args.resume and config is not None and args.set == []:
+        config = None if not Path(config).exists() else config
+    run = fit(_config_with_overrides(config, args.set) if config else None, args.out, resume=args.resume)
+    if run.interrupted:
+        print(f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'}. Continue with: pyrovae fit {args.config or ''} --out {args.out} --resume", file=sys.stderr)
+        return 130
+    m = run.metrics
+    if m.get("test_elbo") is not None:
+        print(f"test ELBO: {m['test_elbo']:.3f} nats per datapoint ({m['test_points']} test points, 1 sample each)")
+    print(f"test reconstruction error: {m['test_reconstruction_error']:.4f} (sum of squared errors per datapoint)")
+    print(f"run folder: {run.dir}")
+    return 0
+
+
+def _config_with_overrides(config, overrides):
+    from pyrovae.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyrovae.train import final_metrics, load_run
+
+    run = load_run(args.run_dir, data=True)
+    m = final_metrics(run)
+    m.pop("history", None)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        for k, v in m.items():
+            print(f"{k:28s} {_fmt(v, 4)}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from pyrovae.model import VAE
+    from pyrovae.plots import image_grid
+    from pyrovae.train import load_run
+
+    if args.n < 1:
+        raise PyroVAEError(f"-n must be at least 1; got {args.n}")
+    run = load_run(args.run_dir)
+    model = run.model
+    torch.manual_seed(args.seed)
+    if isinstance(model, VAE):
+        x, title = model.sample(args.n), "E[x|z], z ~ p(z)"
+    else:
+        x, title = model.decode_prior_draws(args.n, torch.Generator().manual_seed(args.seed)), "AE decoder(z), z ~ N(0, I)"
+    out = Path(args.out)
+    shape = model.data_shape
+    if out.suffix.lower() == ".npy":
+        import numpy as np
+
+        np.save(out, x.reshape(-1, *shape).cpu().numpy())
+    elif len(shape) == 3 and shape[0] in (1, 3):
+        image_grid(x, shape, out, title)
+    else:
+        raise PyroVAEError(f"--out {out}: data of shape {shape} are not images; use a .npy file")
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pyrovae.config import load_config
+    from pyrovae.train import fit
+
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out)
+    vae_cfg = cfg.model_copy(deep=True)
+    vae_cfg.model.kind = "vae"
+    ae_cfg = cfg.model_copy(deep=True)
+    ae_cfg.model.kind = "ae"
+    rows = []
+    for name, c in (("VAE", vae_cfg), ("AE (" + cfg.model.variant + ")", ae_cfg)):
+        print(f"== training {name}", file=sys.stderr)
+        run = fit(c, out / name.split()[0].lower())
+        rows.append((name, run.metrics))
+    table = comparison_table(rows)
+    (out / "comparison.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nrun folders: {out / 'vae'}, {out / 'ae'}; figures in their figures/ folders")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyrovae",
+        description="Variational autoencoders as Pyro programs, with a deterministic autoencoder baseline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  pyrovae compare examples/configs/digits_vae.toml --out runs/demo\n  pyrovae fit CONFIG --out runs/vae\n  pyrovae evaluate runs/vae --json\n  pyrovae sample runs/vae -n 64 --out samples.png\n\nRun 'pyrovae COMMAND --help' for each command's options.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    f = sub.add_parser("fit", help="train the model a config describes", epilog=EPILOG_FIT, formatter_class=raw)
+    f.add_argument("config", nargs="?", help="TOML config file (optional with --resume)")
+    f.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.epochs=5 (repeatable)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f.set_defaults(func=_cmd_fit)
+
+    e = sub.add_parser("evaluate", help="test-set metrics of a run", epilog=EPILOG_EVALUATE, formatter_class=raw)
+    e.add_argument("run_dir")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("sample", help="draw samples from a trained VAE", epilog=EPILOG_SAMPLE, formatter_class=raw)
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", required=True, help="output .png (image grid) or .npy")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_sample)
+
+    c = sub.add_parser("compare", help="train the VAE and the AE baseline from one config and print a table", epilog=EPILOG_COMPARE, formatter_class=raw)
+    c.add_argument("config", nargs="?", default=None, help="TOML config (default: the built-in digits config)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(func=_cmd_compare)
+
+    for name, (add_args, handler, help_) in EXTRA_COMMANDS.items():
+        x = sub.add_parser(name, help=help_, formatter_class=raw)
+        add_args(x)
+        x.set_defaults(func=handler)
+    return p
+
+
+def _load_extensions() -> None:
+    """Import modules that register extra subcommands (diagnostics etc.) if present."""
+    import importlib
+
+    for mod in ("pyrovae.cli_diagnose",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PyroVAEError as e:
+        msg = str(e).replace("\n", "\n  ")
+        print(f"pyrovae: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyrovae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The run configuration: ``[data]``, ``[model]``, ``[train]`` — validated on load.
+
+A config is data (TOML or a dict), never code. Unknown keys and kinds are rejected with the
+dotted name of the key and the allowed values; every value can be overridden with
+``--set section.key=value`` (the value is parsed as TOML, e.g. ``train.epochs=5``,
+``model.prior={kind="mixture", components=10}``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pyrovae.data import DataConfig
+from pyrovae.errors import ConfigError
+from pyrovae.guides import GUIDES
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.networks import MLP, NETWORKS
+from pyrovae.priors import PRIORS
+
+NetworkSpec = NETWORKS.spec_type()
+PriorSpec = PRIORS.spec_type()
+LikelihoodSpec = LIKELIHOODS.spec_type()
+GuideSpec = GUIDES.spec_type()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """``[model]``: what p(x|z)p(z) and q(z|x) are (or the deterministic autoencoder)."""
+
+    kind: Literal["vae", "ae"] = "vae"
+    latent_dim: int = Field(2, ge=1)
+    encoder: NetworkSpec = MLP.Spec(hidden=[256, 128])
+    decoder: NetworkSpec = MLP.Spec(hidden=[128, 256])
+    prior: PriorSpec = PRIORS["normal"].Spec()
+    likelihood: LikelihoodSpec = LIKELIHOODS["continuous_bernoulli"].Spec()
+    guide: GuideSpec = GUIDES["normal"].Spec()
+    #: autoencoder only: deep | linear (no hidden layers) | overcomplete (latent_dim > D) | denoising
+    variant: Literal["deep", "linear", "overcomplete", "denoising"] = "deep"
+    #: autoencoder ``denoising`` variant: std of the Gaussian noise added to inputs while training
+    noise: float = Field(0.3, ge=0)
+
+
+class TrainConfig(_Section):
+    """``[train]``: the objective and the optimizer loop."""
+
+    objective: Literal["trace_elbo", "mean_field", "iwae"] = "trace_elbo"
+    num_particles: int = Field(1, ge=1)
+    beta: float = Field(1.0, ge=0)
+    kl_warmup_epochs: int = Field(0, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
+    max_retries: int = Field(3, ge=0)
+    lr_backoff: float = Field(0.5, gt=0, lt=1)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.kind == "ae" and self.train.objective != "trace_elbo":
+            pass  # the AE ignores the objective; allowed so one config can drive `compare`
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as TOML (atomically)."""
+        from pyrovae.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), tomli_w.dumps(self.to_dict()).encode())
+
+
+_BLOCKS = ("prior", "likelihood", "encoder", "decoder", "guide")
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the union tag pydantic inserts (``model.prior.mixture.components`` -> ``model.prior.components``)."""
+    out: list = []
+    for part in loc:
+        if out and out[-1] in _BLOCKS and any(part in r.kinds() for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES)):
+            out.append(f"<{part}>")
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _clean_loc(e["loc"])
+        name = ".".join(str(p) for p in loc if not str(p).startswith("<"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            allowed = _allowed_keys(loc[:-1])
+            if allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+        got = e.get("input")
+        got_s = "" if e["type"] == "missing" or isinstance(got, dict) else f"; got {got!r}"
+        lines.append(f"{name or '<top level>'}: {msg}{got_s}")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(path: tuple) -> list[str]:
+    model: Any = Config
+    prev: Any = None
+    for part in path:
+        if isinstance(part, str) and part.startswith("<"):
+            kind = part[1:-1]
+            model = next(
+                (r[kind].Spec for r in _REG_BY_BLOCK[prev] if kind in r.kinds()), None
+            )
+        elif isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        else:
+            return []
+        prev = part
+        if model is None and not (isinstance(prev, str) and prev in _BLOCKS):
+            return []
+    return list(model.model_fields) if isinstance(model, type) else []
+
+
+_REG_BY_BLOCK = {
+    "prior": (PRIORS,),
+    "likelihood": (LIKELIHOODS,),
+    "encoder": (NETWORKS,),
+    "decoder": (NETWORKS,),
+    "guide": (GUIDES,),
+}
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=5); got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set: bad key {key!r} in {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as model.prior.kind=mixture
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw (unvalidated) config dict."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: {part!r} is a value, not a table")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+
+
+def load_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config from a TOML path, a dict, or defaults (``None``).
+
+    Raises :class:`~pyrovae.errors.ConfigError` naming each bad key (dotted) and the problem.
+    """
+    if isinstance(source, Config):
+        raw = source.to_dict()
+        name = "config object"
+    elif source is None:
+        raw, name = {}, "defaults"
+    elif isinstance(source, dict):
+        raw, name = source, "dict"
+    else:
+        raw, name = read_toml(source), str(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: a config must be a table of [data], [model], [train]; got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, name)) from None

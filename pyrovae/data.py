@@ -1,0 +1,692 @@
+"""Datasets as in-memory tensors: built-in image sets, IDX files, arrays and image folders.
+
+:func:`load_data` turns a :class:`DataConfig` into a :class:`Dataset` holding flattened float32
+train / validation / test tensors (and labels where the source has them). Sources:
+
+* ``digits``: scikit-learn's 1,797 real 8x8 digits (shipped with scikit-learn, no download);
+* ``mnist`` / ``fashion-mnist`` / ``kmnist``: the four standard IDX files, read from
+  ``data.root`` (gzipped or not, directly there or in a ``raw/`` subfolder), or downloaded by
+  torchvision into ``~/.cache/pyrovae/<name>`` when ``data.root`` is empty;
+* a ``.npy`` file, a ``.npz`` file (key ``x``, optional ``y``) or a folder of images.
+
+Every problem caused by the user's data or configuration raises :class:`~pyrovae.errors.DataError`
+naming the file or config field, the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pyrovae.errors import DataError
+
+__all__ = ["DataConfig", "Dataset", "load_data", "read_idx"]
+
+#: Built-in dataset names accepted by ``data.dataset``.
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist")
+
+#: torchvision class for each IDX dataset.
+_TORCHVISION_CLASSES: dict[str, str] = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+}
+
+#: The four standard IDX files (without the optional ``.gz``).
+IDX_FILES: tuple[str, ...] = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_IDX_IMAGES_MAGIC = 0x00000803  # 2051: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801  # 2049: unsigned bytes, 1 dimension
+
+#: IDX type code -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, str] = {
+    0x08: ">u1",
+    0x09: ">i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+ARRAY_EXTENSIONS: tuple[str, ...] = (".npy", ".npz")
+
+# Offsets mixed into ``seed`` so that splitting and each split's binarization use independent,
+# reproducible random streams (changing ``limit`` does not change how the test set is binarized).
+_SPLIT_STREAM = 0
+_BINARIZE_STREAMS = {"train": 1, "val": 2, "test": 3}
+
+
+class DataConfig(BaseModel):
+    """The ``[data]`` section of a run configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        "digits",
+        min_length=1,
+        description="digits | mnist | fashion-mnist | kmnist | a path to .npy / .npz / a folder of images",
+    )
+    root: str = Field(
+        "",
+        description="local folder holding the four standard IDX files (gzipped or not); "
+        "'' = download via torchvision into ~/.cache/pyrovae (only works online)",
+    )
+    binarize: Literal["none", "static", "dynamic"] = "none"
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="share of the training pool held out for validation"
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=0.5,
+        description="share held out for test when the dataset has no official test split",
+    )
+    limit: int = Field(
+        0,
+        ge=0,
+        description="if > 0, keep only the first `limit` shuffled training points "
+        "(and max(limit // 4, 1) validation / test points)",
+    )
+
+
+@dataclass
+class Dataset:
+    """Train / validation / test tensors of one dataset, all in memory.
+
+    ``x_*`` are float32, flattened to ``(N, D)`` with ``D = prod(shape)``, and contiguous;
+    ``y_*`` are int64 labels of length ``N`` or ``None``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    x_train: torch.Tensor
+    x_val: torch.Tensor
+    x_test: torch.Tensor
+    y_train: torch.Tensor | None
+    y_val: torch.Tensor | None
+    y_test: torch.Tensor | None
+    binarize: str
+
+    @property
+    def dim(self) -> int:
+        """Number of values in one datapoint, ``prod(shape)``."""
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """Return a copy with every tensor moved to ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            x_val=self.x_val.to(device),
+            x_test=self.x_test.to(device),
+            y_train=move(self.y_train),
+            y_val=move(self.y_val),
+            y_test=move(self.y_test),
+        )
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of shuffled minibatches of ``x_train``.
+
+        A single ``torch.randperm`` drawn with ``generator`` orders the epoch; batches are index
+        slices of it (the last, smaller batch is kept), so every training point appears exactly
+        once. With ``binarize == "dynamic"`` each batch is resampled as
+        ``torch.bernoulli(batch, generator=generator)``: a fresh binarization every time a batch
+        is drawn. For speed, pass a generator on the same device as the data.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        n = self.x_train.shape[0]
+        device = self.x_train.device
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(device)
+        for start in range(0, n, batch_size):
+            batch = self.x_train[perm[start : start + batch_size]]
+            if self.binarize == "dynamic":
+                batch = _bernoulli(batch, generator)
+            yield batch
+
+
+def _bernoulli(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Sample ``Bernoulli(probs)`` with ``generator``, even if it lives on another device."""
+    if generator.device == probs.device:
+        return torch.bernoulli(probs, generator=generator)
+    u = torch.rand(probs.shape, generator=generator, device=generator.device)
+    return (u.to(probs.device) < probs).to(probs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Read a file, transparently gunzipping it (detected by the gzip magic bytes)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt gzip file ({type(e).__name__}: {e})") from None
+    if path.suffix == ".gz":
+        raise DataError(
+            f"{path}: corrupt gzip file (expected the gzip magic bytes 1f 8b, got {raw[:2].hex(' ') or 'an empty file'})"
+        )
+    return raw
+
+
+def _parse_idx(data: bytes, path: Path, expected_magic: int | None = None) -> np.ndarray:
+    """Parse the bytes of an IDX file, validating magic number, type code, dims and length."""
+    if len(data) < 4:
+        raise DataError(
+            f"{path}: truncated IDX file: expected at least a 4-byte header, got {len(data)} bytes"
+        )
+    magic = int.from_bytes(data[:4], "big")
+    if expected_magic is not None and magic != expected_magic:
+        raise DataError(
+            f"{path}: bad IDX magic number: expected {expected_magic} (0x{expected_magic:08x}), "
+            f"got {magic} (0x{magic:08x})"
+        )
+    code, ndim = data[2], data[3]
+    if data[0] != 0 or data[1] != 0 or code not in _IDX_DTYPES or ndim == 0:
+        codes = ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES)
+        raise DataError(
+            f"{path}: bad IDX magic number: expected 0x0000TTNN with type code TT in {{{codes}}} "
+            f"(0x08 = unsigned bytes) and NN >= 1 dimensions, got 0x{magic:08x}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(
+            f"{path}: truncated IDX file: expected a {header}-byte header for {ndim} dimensions, "
+            f"got {len(data)} bytes"
+        )
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "too long"
+        raise DataError(
+            f"{path}: {kind} IDX file: expected {expected} bytes ({header}-byte header + "
+            f"{'x'.join(map(str, dims))} values of {dtype.itemsize} byte(s)), got {len(data)} bytes"
+        )
+    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzipped or plain) into a numpy array of its dimensions.
+
+    Validates the magic number (two zero bytes, a known type code, at least one dimension) and
+    that the byte length matches the header exactly. Raises :class:`DataError` naming the file.
+    """
+    p = Path(path)
+    return _parse_idx(_read_bytes(p), p)
+
+
+def _find_idx_folder(root: Path, tv_class: str) -> Path | None:
+    """Return the first of ``root``, ``root/raw``, ``root/<tv_class>/raw`` holding IDX files."""
+    for folder in (root, root / "raw", root / tv_class / "raw"):
+        if folder.is_dir() and any(
+            (folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in IDX_FILES
+        ):
+            return folder
+    return None
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    """Path of ``stem`` or ``stem.gz`` in ``folder`` (the plain file preferred)."""
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(p.name for p in folder.iterdir())
+    raise DataError(
+        f"{folder}: missing IDX file {stem}[.gz]; expected the four files "
+        f"{', '.join(IDX_FILES)} (each optionally .gz), found {found or 'nothing'}"
+    )
+
+
+def _load_idx_folder(
+    root: Path, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read and cross-check the four standard IDX files under ``root``."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(
+            f"data.root: expected a folder holding the four IDX files {', '.join(IDX_FILES)}; "
+            f"'{root}' {what}"
+        )
+    folder = _find_idx_folder(root, _TORCHVISION_CLASSES[name])
+    if folder is None:
+        found = sorted(p.name for p in root.iterdir())
+        raise DataError(
+            f"data.root='{root}': no IDX files found there or in raw/; expected "
+            f"{', '.join(IDX_FILES)} (each optionally .gz), found {found or 'nothing'}"
+        )
+    paths = [_idx_file(folder, stem) for stem in IDX_FILES]  # all missing-file errors first
+    arrays = []
+    for path, magic in zip(paths, (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC) * 2, strict=True):
+        arrays.append(_parse_idx(_read_bytes(path), path, expected_magic=magic))
+    x_tr, y_tr, x_te, y_te = arrays
+    for (xp, x), (yp, y) in (
+        ((paths[0], x_tr), (paths[1], y_tr)),
+        ((paths[2], x_te), (paths[3], y_te)),
+    ):
+        if x.shape[0] != y.shape[0]:
+            raise DataError(
+                f"{xp.name} holds {x.shape[0]} images but {yp.name} holds {y.shape[0]} labels "
+                f"(in {folder}): expected the same count"
+            )
+        if x.shape[0] == 0:
+            raise DataError(f"{xp}: expected at least one image, got 0")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(
+            f"{paths[2]}: expected images of size {x_tr.shape[1]}x{x_tr.shape[2]} like "
+            f"{paths[0].name}, got {x_te.shape[1]}x{x_te.shape[2]}"
+        )
+    return x_tr, y_tr, x_te, y_te
+
+
+def _cache_dir() -> Path:
+    """Where torchvision downloads go: ``~/.cache/pyrovae``."""
+    return Path.home() / ".cache" / "pyrovae"
+
+
+def _download_idx(name: str) -> Path:
+    """Download ``name`` with torchvision (unless cached) and return its root folder."""
+    root = _cache_dir() / name
+    tv_class = _TORCHVISION_CLASSES[name]
+    folder = _find_idx_folder(root, tv_class)
+    if folder is not None and all(
+        (folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in IDX_FILES
+    ):
+        return root
+    try:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, tv_class)(root=str(root), train=True, download=True)
+    except Exception as e:  # any download failure: network, mirror, checksum, disk
+        raise DataError(
+            f"data.dataset='{name}': downloading via torchvision into {root} failed "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            f"offline? Set data.root to a local folder holding the four IDX files "
+            f"{', '.join(IDX_FILES)} (each optionally .gz)"
+        ) from None
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays and image folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_numeric(arr: np.ndarray, what: str) -> None:
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what}: expected a numeric array, got dtype {arr.dtype}")
+
+
+def _load_npy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if magic != b"\x93NUMPY":
+        raise DataError(
+            f"{path}: not a .npy file: expected the magic bytes \\x93NUMPY, got {magic!r}"
+        )
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:  # corrupt header, pickled objects, I/O errors
+        raise DataError(f"{path}: cannot read .npy file ({type(e).__name__}: {e})") from None
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{path}: expected a .npy array, got {type(x).__name__}")
+    _check_numeric(x, str(path))
+    return x, None
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if "x" not in keys:
+                raise DataError(
+                    f"{path}: expected an array under key 'x' (and optional labels under 'y'), "
+                    f"found keys {keys}"
+                )
+            x = npz["x"]
+            y = npz["y"] if "y" in keys else None
+    except DataError:
+        raise
+    except Exception as e:  # bad zip, corrupt member, pickled objects
+        raise DataError(f"{path}: cannot read .npz file ({type(e).__name__}: {e})") from None
+    _check_numeric(x, f"{path} (key 'x')")
+    if y is not None:
+        _check_numeric(y, f"{path} (key 'y')")
+        if y.ndim != 1 or x.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"{path}: expected labels 'y' of shape ({x.shape[0] if x.ndim else '?'},) "
+                f"matching 'x', got shape {y.shape}"
+            )
+        if y.dtype.kind == "f":
+            bad = ~np.isfinite(y) | (y != np.round(y))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"{path}: expected integer labels 'y', got {float(y[i])} at index {i}"
+                )
+    return x, y
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _load_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a folder of images (flat, or one subfolder per class) into ``(N, C, H, W)`` uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = _image_files(folder)
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labels: list[int] | None = None
+    if files:
+        if any(_image_files(d) for d in subdirs):
+            raise DataError(
+                f"{folder}: expected either images directly in the folder or one subfolder per "
+                f"class, got both ({files[0].name} and subfolders)"
+            )
+    else:
+        class_dirs = subdirs
+        labels = []
+        for k, d in enumerate(class_dirs):
+            imgs = _image_files(d)
+            if not imgs:
+                raise DataError(
+                    f"{d}: expected class subfolder to contain images "
+                    f"({'/'.join(IMAGE_EXTENSIONS)}), found none"
+                )
+            files.extend(imgs)
+            labels.extend([k] * len(imgs))
+        if not files:
+            hint = ""
+            if any((folder / f).exists() or (folder / f"{f}.gz").exists() for f in IDX_FILES):
+                hint = "; it holds IDX files: set data.dataset to mnist/fashion-mnist/kmnist and data.root to this folder"
+            raise DataError(
+                f"{folder}: expected images ({'/'.join(IMAGE_EXTENSIONS)}) or class subfolders "
+                f"of images, found none{hint}"
+            )
+
+    normalize = {"1": "L", "L": "L", "P": "RGB", "RGB": "RGB"}
+    out: np.ndarray | None = None
+    ref_size: tuple[int, int] = (0, 0)
+    ref_mode = ""
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as img:
+                img.load()
+                mode = normalize.get(img.mode)
+                if mode is None:
+                    raise DataError(
+                        f"{f}: unsupported image mode {img.mode!r}; expected greyscale (L) or "
+                        f"RGB (8 bits per channel, no alpha)"
+                    )
+                if img.mode != mode:
+                    img = img.convert(mode)
+                pixels = np.asarray(img, dtype=np.uint8)
+                size = img.size
+        except DataError:
+            raise
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: cannot read image ({type(e).__name__}: {e})") from None
+        if out is None:
+            ref_size, ref_mode = size, mode
+            channels = 1 if mode == "L" else 3
+            out = np.empty((len(files), channels, size[1], size[0]), dtype=np.uint8)
+        elif size != ref_size or mode != ref_mode:
+            raise DataError(
+                f"{f}: all images must have the same size and mode: expected "
+                f"{ref_size[0]}x{ref_size[1]} {ref_mode} (as {files[0].name}), got "
+                f"{size[0]}x{size[1]} {mode}"
+            )
+        out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    assert out is not None
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return out, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting, checks, binarization
+# ---------------------------------------------------------------------------------------------
+
+
+def _point_shape(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one datapoint of an ``(N, ...)`` array: 3-D ``(N, H, W)`` gets a channel axis."""
+    rest = tuple(int(s) for s in arr_shape[1:])
+    if len(rest) == 0:
+        return (1,)
+    if len(rest) == 2:
+        return (1, *rest)
+    return rest
+
+
+def _check_values(x: np.ndarray, what: str) -> None:
+    """Reject NaN / inf values, naming the count and the first offending index."""
+    if x.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(x)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.ravel())), x.shape))
+        raise DataError(
+            f"{what}: expected finite values, found {count} NaN/inf value(s), the first at "
+            f"index {first if len(first) > 1 else first[0]}"
+        )
+
+
+def _check_unit_range(x: np.ndarray, what: str, binarize: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"data.binarize='{binarize}' needs values in [0, 1] (Bernoulli probabilities) but "
+            f"{what} has min {lo:g} and max {hi:g}; rescale the data or set data.binarize='none'"
+        )
+
+
+def _n_holdout(n: int, fraction: float) -> int:
+    """Size of a held-out split: ``round(n * fraction)``, at least 1 when ``fraction > 0``."""
+    return 0 if fraction <= 0 else max(1, int(round(n * fraction)))
+
+
+def _derive_seed(seed: int, stream: int) -> int:
+    return (int(seed) * 1_000_003 + stream * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_derive_seed(seed, stream))
+
+
+def _to_float(x: np.ndarray, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Rows ``idx`` of ``x`` as a contiguous float32 ``(len(idx), D)`` tensor."""
+    rows = np.ascontiguousarray(x[idx.numpy()])
+    t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:])).to(torch.float32)
+    if scale is not None:
+        t = t / scale
+    return t.contiguous()
+
+
+def _labels(y: np.ndarray | None, idx: torch.Tensor) -> torch.Tensor | None:
+    if y is None:
+        return None
+    return torch.from_numpy(np.asarray(y)[idx.numpy()].astype(np.int64)).contiguous()
+
+
+def _split(
+    n: int, cfg: DataConfig, seed: int, official_test: bool, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded train / val / test index tensors for ``n`` points (test empty if official)."""
+    perm = torch.randperm(n, generator=_generator(seed, _SPLIT_STREAM))
+    n_test = 0 if official_test else _n_holdout(n, cfg.test_fraction)
+    n_val = _n_holdout(n - n_test, cfg.val_fraction)
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    if len(train) == 0:
+        raise DataError(
+            f"{name}: {n} datapoint(s) leave an empty training split after holding out "
+            f"{n_test} for test (data.test_fraction={cfg.test_fraction}) and {n_val} for "
+            f"validation (data.val_fraction={cfg.val_fraction}); expected more data"
+        )
+    if cfg.limit > 0:
+        k = max(cfg.limit // 4, 1)
+        train, val, test = train[: cfg.limit], val[:k], test[:k]
+    return train, val, test
+
+
+def _binarize(ds: Dataset, seed: int) -> Dataset:
+    """Apply the binarization protocol (see :func:`load_data`)."""
+    if ds.binarize == "none":
+        return ds
+    g = {k: _generator(seed, s) for k, s in _BINARIZE_STREAMS.items()}
+    x_val = torch.bernoulli(ds.x_val, generator=g["val"])
+    x_test = torch.bernoulli(ds.x_test, generator=g["test"])
+    x_train = ds.x_train
+    if ds.binarize == "static":
+        x_train = torch.bernoulli(x_train, generator=g["train"])
+    return replace(ds, x_train=x_train, x_val=x_val, x_test=x_test)
+
+
+def _resolve(dataset: str) -> tuple[str, Path | None]:
+    """Map ``data.dataset`` to ``(builtin name, None)`` or ``(kind, path)``."""
+    key = dataset.strip().lower()
+    if key in BUILTIN_DATASETS:
+        return key, None
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data.dataset: expected one of {', '.join(BUILTIN_DATASETS)} or an existing "
+            f".npy / .npz file or image folder, got '{dataset}' (no such file or folder)"
+        )
+    if path.is_dir():
+        return "folder", path
+    suffix = path.suffix.lower()
+    if suffix not in ARRAY_EXTENSIONS:
+        raise DataError(
+            f"data.dataset='{dataset}': unsupported file extension '{path.suffix}'; expected "
+            f".npy, .npz or a folder of images ({'/'.join(IMAGE_EXTENSIONS)})"
+        )
+    return suffix[1:], path
+
+
+@dataclass
+class _Source:
+    """Raw arrays of one dataset before splitting (``x_test`` only for official test sets)."""
+
+    name: str
+    where: str  # how error messages refer to it: the dataset name or the file / folder path
+    shape: tuple[int, ...]
+    x: np.ndarray
+    y: np.ndarray | None
+    scale: float | None  # divide by this to reach [0, 1]; None = use values as they are
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
+    """Read the raw arrays of a built-in dataset, an array file or an image folder."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = bunch.data.reshape(-1, 1, 8, 8)
+        return _Source("digits", "digits", (1, 8, 8), x, bunch.target, 16.0)
+    if path is None:  # mnist-like
+        root = Path(cfg.root).expanduser() if cfg.root else _download_idx(name)
+        x, y, x_te, y_te = _load_idx_folder(root, name)
+        shape = (1, int(x.shape[1]), int(x.shape[2]))
+        return _Source(name, name, shape, x, y, 255.0, x_te, y_te)
+    scale: float | None
+    if name == "folder":
+        x, y = _load_image_folder(path)
+        scale = 255.0
+    else:
+        x, y = _load_npy(path) if name == "npy" else _load_npz(path)
+        scale = None
+        if x.ndim == 0:
+            raise DataError(f"{path}: expected an array of shape (N, ...), got a scalar")
+    return _Source(path.name or str(path), str(path), _point_shape(x.shape), x, y, scale)
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Load the dataset described by ``cfg`` and split it reproducibly.
+
+    * Splits: ``digits``, arrays and image folders hold out a seeded ``test_fraction`` for test,
+      then ``val_fraction`` of the rest for validation; MNIST-like sets keep their official test
+      set and hold out ``val_fraction`` of the 60,000 training images. Same ``cfg`` and ``seed``
+      give identical tensors.
+    * ``limit > 0`` keeps the first ``limit`` shuffled training points and
+      ``max(limit // 4, 1)`` validation / test points.
+    * Binarization: ``static`` binarizes train, val and test once; ``dynamic`` keeps ``x_train``
+      grey-level (resampled per batch by :meth:`Dataset.train_batches`) and binarizes val and
+      test once. Both use generators seeded from ``seed`` (one independent stream per split).
+    """
+    name, path = _resolve(cfg.dataset)
+    if cfg.root and name not in _TORCHVISION_CLASSES:
+        raise DataError(
+            f"data.root is only used with {', '.join(_TORCHVISION_CLASSES)}; expected '' for "
+            f"data.dataset='{cfg.dataset}', got '{cfg.root}'"
+        )
+    src = _read_source(name, path, cfg)
+    x, y = src.x, src.y
+    if x.shape[0] == 0 or math.prod(src.shape) == 0:
+        raise DataError(
+            f"{src.where}: expected at least one non-empty datapoint, got an array of shape {x.shape}"
+        )
+    _check_values(x, src.where)
+    if cfg.binarize != "none" and src.scale is None:
+        _check_unit_range(x, src.where, cfg.binarize)
+
+    official_test = src.x_test is not None
+    train_idx, val_idx, test_idx = _split(x.shape[0], cfg, seed, official_test, src.where)
+    if src.x_test is not None:
+        test_idx = torch.arange(src.x_test.shape[0])
+        if cfg.limit > 0:
+            test_idx = test_idx[: max(cfg.limit // 4, 1)]
+        x_test = _to_float(src.x_test, test_idx, src.scale)
+        y_test = _labels(src.y_test, test_idx)
+    else:
+        x_test, y_test = _to_float(x, test_idx, src.scale), _labels(y, test_idx)
+
+    ds = Dataset(
+        name=src.name,
+        shape=src.shape,
+        x_train=_to_float(x, train_idx, src.scale),
+        x_val=_to_float(x, val_idx, src.scale),
+        x_test=x_test,
+        y_train=_labels(y, train_idx),
+        y_val=_labels(y, val_idx),
+        y_test=y_test,
+        binarize=cfg.binarize,
+    )
+    return _binarize(ds, seed)

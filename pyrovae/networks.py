@@ -1,0 +1,146 @@
+"""Encoder and decoder networks: ``mlp``, ``conv`` and ``linear``.
+
+Every network maps a tensor with arbitrary leading (batch/particle) dimensions and a trailing
+feature dimension ``in_dim`` to one with trailing dimension ``out_dim``. Image shapes such as
+``(1, 28, 28)`` are only needed by ``conv``, which reshapes internally, so the Pyro model always
+sees flat vectors ``(..., D)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pyrovae.registry import Registry, Spec
+
+Activation = Literal["relu", "softplus", "tanh", "elu", "gelu", "leaky_relu", "sigmoid"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+NETWORKS: Registry[nn.Module] = Registry("network")
+
+
+@NETWORKS.register
+class MLP(nn.Sequential):
+    """Fully connected network ``in -> hidden[0] -> ... -> out`` with an activation between layers."""
+
+    class Spec(Spec):
+        kind: Literal["mlp"] = "mlp"
+        hidden: list[int] = [256, 128]
+        activation: Activation = "softplus"
+
+    def __init__(self, spec: MLP.Spec, in_shape: tuple[int, ...], out_dim: int) -> None:
+        sizes = [math.prod(in_shape), *spec.hidden, out_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(_ACTIVATIONS[spec.activation]())
+        super().__init__(*layers)
+
+
+@NETWORKS.register
+class Linear(nn.Linear):
+    """A single affine map (no hidden layer): the linear autoencoder / pPCA of the lessons."""
+
+    class Spec(Spec):
+        kind: Literal["linear"] = "linear"
+
+    def __init__(self, spec: Linear.Spec, in_shape: tuple[int, ...], out_dim: int) -> None:
+        super().__init__(math.prod(in_shape), out_dim)
+
+
+def _conv_sizes(size: int, n: int) -> list[int]:
+    """Spatial sizes after ``n`` stride-2 convolutions (kernel 3, padding 1): ceil(s / 2)."""
+    sizes = [size]
+    for _ in range(n):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+@NETWORKS.register
+class Conv(nn.Module):
+    """Convolutional encoder (image -> vector) or decoder (vector -> image).
+
+    Encoder: stride-2 3x3 convolutions with ``channels`` filters, then a linear layer.
+    Decoder: the mirror image, transposed convolutions with ``output_padding`` chosen so the
+    output is exactly the data's ``(C, H, W)`` for any size (8x8, 28x28, 32x32, ...).
+    Whether it is an encoder or a decoder is decided by which side has an image shape.
+    """
+
+    class Spec(Spec):
+        kind: Literal["conv"] = "conv"
+        channels: list[int] = [32, 64]
+        activation: Activation = "relu"
+
+    def __init__(
+        self,
+        spec: Conv.Spec,
+        in_shape: tuple[int, ...],
+        out_dim: int,
+        out_shape: tuple[int, ...] | None = None,
+        out_channels_per_pixel: int = 1,
+    ) -> None:
+        super().__init__()
+        act = _ACTIVATIONS[spec.activation]
+        self.decoder = out_shape is not None
+        image = out_shape if self.decoder else in_shape
+        if image is None or len(image) != 3:
+            raise ValueError(f"conv networks need image data of shape (C, H, W), got {image}")
+        c, h, w = image
+        hs, ws = _conv_sizes(h, len(spec.channels)), _conv_sizes(w, len(spec.channels))
+        self.image, self.inner = image, (spec.channels[-1], hs[-1], ws[-1])
+        flat = math.prod(self.inner)
+        if not self.decoder:
+            convs: list[nn.Module] = []
+            for a, b in zip([c, *spec.channels[:-1]], spec.channels, strict=True):
+                convs += [nn.Conv2d(a, b, 3, stride=2, padding=1), act()]
+            self.net = nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat, out_dim))
+        else:
+            self.fc = nn.Sequential(nn.Linear(math.prod(in_shape), flat), act())
+            chans = [*reversed(spec.channels), c * out_channels_per_pixel]
+            layers: list[nn.Module] = []
+            for i in range(len(spec.channels)):
+                j = len(spec.channels) - i  # from the innermost size outwards
+                pad_h = hs[j - 1] - (2 * hs[j] - 1)
+                pad_w = ws[j - 1] - (2 * ws[j] - 1)
+                layers.append(
+                    nn.ConvTranspose2d(
+                        chans[i], chans[i + 1], 3, stride=2, padding=1, output_padding=(pad_h, pad_w)
+                    )
+                )
+                if i < len(spec.channels) - 1:
+                    layers.append(act())
+            self.net = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        if not self.decoder:
+            y = self.net(x.reshape(-1, *self.image))
+            return y.reshape(*lead, -1)
+        y = self.net(self.fc(x).reshape(-1, *self.inner))
+        return y.reshape(*lead, -1)
+
+
+def build_network(
+    spec: Spec,
+    in_shape: tuple[int, ...],
+    out_dim: int,
+    out_shape: tuple[int, ...] | None = None,
+    out_channels_per_pixel: int = 1,
+) -> nn.Module:
+    """Build an encoder (``in_shape`` = data shape) or a decoder (``out_shape`` = data shape)."""
+    if spec.kind == "conv":
+        return Conv(spec, in_shape, out_dim, out_shape, out_channels_per_pixel)
+    return NETWORKS.build(spec, in_shape, out_dim)

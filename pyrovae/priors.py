@@ -1,0 +1,165 @@
+r"""Priors :math:`p(z)` over the latent code, chosen by ``model.prior.kind``.
+
+Each prior is an ``nn.Module`` (so learned priors train with the rest) whose ``forward()``
+returns a ``pyro.distributions`` object with ``event_shape == (latent_dim,)`` and empty batch
+shape; the model's ``pyro.plate("data")`` broadcasts it over datapoints.
+
+=================  =====================================================================
+``normal``         :math:`\mathcal N(0, I)` — the standard VAE prior (Kingma & Welling 2014)
+``normal_learned`` :math:`\mathcal N(\mu, \mathrm{diag}\,\sigma^2)` with learned :math:`\mu, \sigma`
+``mixture``        :math:`\sum_k \pi_k \mathcal N(\mu_k, \mathrm{diag}\,\sigma_k^2)`, all learned
+``vamp``           VampPrior :math:`\frac1K \sum_k q(z \mid u_k)` with learned pseudo-inputs
+                   :math:`u_k` (Tomczak & Welling 2018)
+``flow``           :math:`z = f(\epsilon),\ \epsilon \sim \mathcal N(0, I)` with a learned
+                   normalizing flow ``f`` (autoregressive, Papamakarios et al. 2017)
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyrovae.registry import Registry, Spec
+
+PRIORS: Registry[Prior] = Registry("prior")
+
+Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Prior(nn.Module):
+    """Base class: ``forward()`` returns p(z) as a Pyro distribution over ``(latent_dim,)``."""
+
+    Spec: type[Spec]
+
+    def __init__(self, spec: Spec, latent_dim: int, data_dim: int, encode: Encode | None) -> None:
+        super().__init__()
+        self.spec, self.latent_dim = spec, latent_dim
+
+    def forward(self) -> dist.TorchDistribution:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@PRIORS.register
+class StandardNormal(Prior):
+    r""":math:`p(z) = \mathcal N(0, I)`."""
+
+    class Spec(Spec):
+        kind: Literal["normal"] = "normal"
+
+    def __init__(self, spec, latent_dim, data_dim, encode=None):
+        super().__init__(spec, latent_dim, data_dim, encode)
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self):
+        return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+@PRIORS.register
+class LearnedNormal(Prior):
+    r""":math:`p(z) = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)`, :math:`\mu, \log\sigma` learned."""
+
+    class Spec(Spec):
+        kind: Literal["normal_learned"] = "normal_learned"
+
+    def __init__(self, spec, latent_dim, data_dim, encode=None):
+        super().__init__(spec, latent_dim, data_dim, encode)
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.log_scale = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self):
+        return dist.Normal(self.loc, self.log_scale.exp()).to_event(1)
+
+
+@PRIORS.register
+class GaussianMixture(Prior):
+    r""":math:`p(z) = \sum_{k=1}^K \pi_k\, \mathcal N(z; \mu_k, \mathrm{diag}\,\sigma_k^2)`, all learned."""
+
+    class Spec(Spec):
+        kind: Literal["mixture"] = "mixture"
+        components: int = Field(10, ge=1)
+
+    def __init__(self, spec, latent_dim, data_dim, encode=None):
+        super().__init__(spec, latent_dim, data_dim, encode)
+        k = spec.components
+        gen = torch.Generator().manual_seed(0)  # spread the components; the model seed reseeds
+        self.logits = nn.Parameter(torch.zeros(k))
+        self.locs = nn.Parameter(torch.randn(k, latent_dim, generator=gen))
+        self.raw_scales = nn.Parameter(torch.zeros(k, latent_dim))
+
+    def forward(self):
+        components = dist.Normal(self.locs, softplus(self.raw_scales) + 1e-4).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+
+
+@PRIORS.register
+class VampPrior(Prior):
+    r"""VampPrior: :math:`p(z) = \frac1K \sum_{k=1}^K q_\phi(z \mid u_k)`.
+
+    The pseudo-inputs :math:`u_k` live in data space and are learned; :math:`q_\phi` is the
+    (Gaussian part of the) encoder, so the prior moves with the amortized posterior
+    (Tomczak & Welling, "VAE with a VampPrior", AISTATS 2018).
+    """
+
+    class Spec(Spec):
+        kind: Literal["vamp"] = "vamp"
+        components: int = Field(50, ge=1)
+
+    def __init__(self, spec, latent_dim, data_dim, encode=None):
+        super().__init__(spec, latent_dim, data_dim, encode)
+        if encode is None:
+            raise ValueError("the vamp prior needs the encoder")
+        self._encode = [encode]  # a list: do not register the encoder twice as a submodule
+        gen = torch.Generator().manual_seed(0)
+        self.pseudo_inputs = nn.Parameter(0.5 + 0.05 * torch.randn(spec.components, data_dim, generator=gen))
+
+    def forward(self):
+        loc, scale = self._encode[0](self.pseudo_inputs)
+        k = self.pseudo_inputs.shape[0]
+        mix = dist.Categorical(logits=torch.zeros(k, device=loc.device, dtype=loc.dtype))
+        return dist.MixtureSameFamily(mix, dist.Normal(loc, scale).to_event(1))
+
+
+@PRIORS.register
+class FlowPrior(Prior):
+    r"""Normalizing-flow prior :math:`p(z) = \mathcal N(f^{-1}(z); 0, I)\,|\det J_{f^{-1}}(z)|`.
+
+    ``f^{-1}`` is a stack of affine autoregressive (MAF) layers from
+    ``pyro.distributions.transforms`` with permutations between them; scoring ``z`` (what the
+    ELBO needs) is one network pass per layer, sampling is sequential.
+    """
+
+    class Spec(Spec):
+        kind: Literal["flow"] = "flow"
+        layers: int = Field(2, ge=1)
+        hidden: list[int] = [64]
+
+    def __init__(self, spec, latent_dim, data_dim, encode=None):
+        super().__init__(spec, latent_dim, data_dim, encode)
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+        hidden = [max(h, 2 * latent_dim) for h in spec.hidden]
+        self.flows = nn.ModuleList(
+            [T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)]
+        )
+        perms = [torch.randperm(latent_dim, generator=torch.Generator().manual_seed(i)) for i in range(spec.layers)]
+        self.register_buffer("perms", torch.stack(perms))
+
+    def forward(self):
+        # z = f(eps): eps -> [MAF^-1, permute]*L. Scoring z runs each MAF forward (one pass).
+        transforms: list[T.Transform] = []
+        for flow, perm in zip(self.flows, self.perms, strict=True):
+            transforms += [flow.inv, T.Permute(perm)]
+        return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
+
+
+def build_prior(spec: Spec, latent_dim: int, data_dim: int, encode: Encode | None = None) -> Prior:
+    return PRIORS.build(spec, latent_dim, data_dim, encode)

@@ -1,0 +1,422 @@
+"""Training: ``fit(config, out_dir) -> Run`` for the VAE (SVI) and the autoencoder baseline.
+
+The VAE step is one step of stochastic variational inference: Pyro's ELBO (``Trace_ELBO`` by
+default, see :mod:`pyrovae.objectives`) gives a differentiable loss for the minibatch (scaled to
+the dataset by ``pyro.plate``), and a single ``torch.optim.Adam`` over ``vae.parameters()``
+updates encoder, decoder, prior and likelihood parameters together. This is numerically the
+same update as ``pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam(...), elbo).step`` (tested),
+without the param-store round trip per parameter.
+
+Run folder::
+
+    config.toml      the resolved, validated config
+    checkpoint.pt    model + optimizer + RNG state, written atomically every epoch (and on SIGINT/SIGTERM)
+    metrics.json     per-epoch train/val ELBO (nats per datapoint), epoch seconds; final test metrics
+    figures/         reconstructions, samples, latent scatter, loss curves
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyrovae import evaluate
+from pyrovae.autoencoder import AutoEncoder
+from pyrovae.checkpoint import CHECKPOINT, atomic_write_json, load_checkpoint, save_checkpoint
+from pyrovae.config import Config, load_config
+from pyrovae.data import Dataset, load_data
+from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from pyrovae.model import VAE
+from pyrovae.objectives import kl_scale, make_elbo
+
+METRICS = "metrics.json"
+CONFIG = "config.toml"
+
+
+@dataclass
+class Run:
+    """A trained (or loaded) run: its folder, config, network and metrics."""
+
+    dir: Path
+    config: Config
+    model: VAE | AutoEncoder
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: Dataset | None = None
+    interrupted: bool = False
+
+
+def build_model(config: Config, data_shape: tuple[int, ...]) -> VAE | AutoEncoder:
+    """The network the config describes, for data points of shape ``data_shape``."""
+    cls = VAE if config.model.kind == "vae" else AutoEncoder
+    return cls(config.model, data_shape)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('train.device: "cuda" requested but no CUDA device is available; use "auto" or "cpu"')
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_data_for_model(model: VAE | AutoEncoder, data: Dataset, source: str) -> None:
+    """Validate every split against the likelihood's support once, before any training."""
+    if model.data_dim != data.dim:
+        raise DataError(f"{source}: data points have {data.dim} features (shape {data.shape}); the model expects {model.data_dim} (shape {model.data_shape})")
+    splits = {"validation": data.x_val, "test": data.x_test}
+    if data.binarize != "dynamic":  # dynamic batches are Bernoulli draws, in {0,1} by construction
+        splits = {"training": data.x_train, **splits}
+    for split, x in splits.items():
+        model.likelihood.check_data(x, f"{source} ({split} split)")
+
+
+# --------------------------------------------------------------------------------------- state
+def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.requested is not None:  # second signal: stop now
+                signal.signal(signum, old[signum])
+                raise KeyboardInterrupt
+            self.requested = signum
+
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the optimizer, RNG, batching, checkpoints and metrics of one run folder."""
+
+    def __init__(self, config: Config, out_dir: Path, data: Dataset, model: VAE | AutoEncoder, progress: bool | None):
+        self.config, self.dir, self.data, self.model = config, out_dir, data, model
+        t = config.train
+        self.device = resolve_device(t.device)
+        self.model.to(self.device)
+        self.x_train = data.x_train.to(self.device)
+        self.x_val = data.x_val.to(self.device)
+        self.n = self.x_train.shape[0]
+        self.lr = t.lr
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
+        self.history: list[dict[str, Any]] = []
+        self.epoch, self.step_in_epoch, self.perm = 0, 0, None
+        self.retries = 0
+        self.progress = progress
+        self.is_vae = isinstance(model, VAE)
+        if self.is_vae:
+            self.elbo = make_elbo(t.objective, t.num_particles)
+            self.model.register_params = t.objective == "iwae"  # RenyiELBO backprops through param sites
+        self.stop = _Stop()
+
+    # -- checkpoint ----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.config.model.kind,
+            "config": self.config.to_dict(),
+            "data_shape": list(self.data.shape),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "perm": self.perm.cpu() if self.perm is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "batch_rng": self.gen.get_state().cpu(),
+            "lr": self.lr,
+            "retries": self.retries,
+            "history": self.history,
+        }
+
+    def save(self) -> None:
+        if not _all_finite(self.model):
+            raise TrainingError("refusing to write a checkpoint with non-finite parameters")
+        save_checkpoint(self.dir / CHECKPOINT, self.state())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.perm = state["perm"].to(self.device) if state["perm"] is not None else None
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.gen.set_state(state["batch_rng"].to(self.gen.get_state().device))
+        self.lr, self.retries, self.history = state["lr"], state["retries"], list(state["history"])
+        self._set_lr(self.lr)
+
+    def _set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    # -- one step --------------------------------------------------------------------------
+    def _batch(self, s: int) -> torch.Tensor:
+        b = self.config.train.batch_size
+        x = self.x_train[self.perm[s * b : (s + 1) * b]]
+        if self.data.binarize == "dynamic":
+            x = torch.bernoulli(x, generator=self.gen)
+        return x
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Loss per datapoint for the batch (the negative (β-)ELBO estimate / N, or the AE loss)."""
+        if not self.is_vae:
+            return self.model.loss(x, self.gen if self.device.type == "cpu" else None)
+        if self.config.train.objective == "iwae":
+            # RenyiELBO has no differentiable_loss: it runs backward itself on the param sites
+            return torch.as_tensor(self.elbo.loss_and_grads(self.model.model, self.model.guide, x, self.n) / self.n)
+        return self.elbo.differentiable_loss(self.model.model, self.model.guide, x, self.n) / self.n
+
+    def _step(self, x: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._loss(x)
+        if loss.requires_grad:
+            loss.backward()
+        value = loss.item()
+        if math.isfinite(value):
+            self.opt.step()
+        return value
+
+    # -- epochs ----------------------------------------------------------------------------
+    def _run_epoch(self) -> tuple[float, bool]:
+        """Train one epoch (from ``step_in_epoch`` if resuming). Returns (mean loss, finished)."""
+        t = self.config.train
+        n_batches = math.ceil(self.n / t.batch_size)
+        if self.perm is None:
+            self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
+        total, count = 0.0, 0
+        bar = tqdm(range(self.step_in_epoch, n_batches), desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, disable=None if self.progress is None else not self.progress)
+        for s in bar:
+            if self.is_vae:
+                self.model.kl_scale = kl_scale(t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches)
+            value = self._step(self._batch(s))
+            if not math.isfinite(value):
+                raise _NonFinite(self.epoch, s, value)
+            total, count = total + value, count + 1
+            self.step_in_epoch = s + 1
+            if s % 10 == 0:
+                label = "elbo" if self.is_vae else "loss"
+                bar.set_postfix({label: f"{(-value if self.is_vae else value):.2f}"})
+            if self.stop.requested is not None:
+                return total / max(count, 1), False
+        return total / max(count, 1), True
+
+    def validate(self) -> float:
+        self.model.eval()
+        try:
+            if self.is_vae:
+                self.model.kl_scale = 1.0
+                return float(evaluate.elbo(self.model.model, self.model.guide, self.x_val, batch_size=1024).mean())
+            with torch.no_grad():
+                return sum(float(self.model.loss(xb)) * len(xb) for xb in self.x_val.split(1024)) / len(self.x_val)
+        finally:
+            self.model.train()
+
+    def train(self) -> bool:
+        """Run the remaining epochs. Returns False if stopped by a signal (checkpoint written)."""
+        t = self.config.train
+        with self.stop.installed():
+            while self.epoch < t.epochs:
+                good = _snapshot(self.model, self.opt)
+                good_rng = (torch.get_rng_state(), self.gen.get_state(), self.perm, self.step_in_epoch)
+                start = time.perf_counter()
+                try:
+                    loss, finished = self._run_epoch()
+                except _NonFinite as e:
+                    self._recover(e, good, good_rng)
+                    continue
+                if not finished:
+                    self.save()
+                    return False
+                seconds = time.perf_counter() - start
+                val = self.validate()
+                if not math.isfinite(val):
+                    self._recover(_NonFinite(self.epoch, -1, val), good, good_rng)
+                    continue
+                row = {"epoch": self.epoch + 1, "epoch_seconds": seconds, "lr": self.lr}
+                if self.is_vae:
+                    row.update(train_elbo=-loss, val_elbo=val, kl_scale=self.model.kl_scale)
+                else:
+                    row.update(train_loss=loss, val_loss=val)
+                self.history.append(row)
+                self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+                self.save()
+                atomic_write_json(self.dir / METRICS, {"history": self.history, "units": _UNITS})
+                if self.stop.requested is not None:
+                    return False
+        return True
+
+    def _recover(self, e: _NonFinite, good: dict, good_rng: tuple) -> None:
+        self.retries += 1
+        where = f"epoch {e.epoch + 1}" + (f", step {e.step + 1}" if e.step >= 0 else " (validation)")
+        if self.retries > self.config.train.max_retries:
+            raise TrainingError(
+                f"the loss became non-finite ({e.value}) at {where} and stayed so after "
+                f"{self.config.train.max_retries} retries (learning rate lowered to {self.lr:.3g}). "
+                f"The last good checkpoint is {self.dir / CHECKPOINT}. Try a smaller train.lr, "
+                "a different likelihood scale, or check the data."
+            )
+        self.model.load_state_dict(good["model"])
+        self.opt.load_state_dict(good["optimizer"])
+        rng, gen, perm, step = good_rng
+        torch.set_rng_state(rng)
+        self.gen.set_state(gen)
+        self.perm, self.step_in_epoch = perm, step
+        self.lr *= self.config.train.lr_backoff
+        self._set_lr(self.lr)
+        tqdm.write(f"pyrovae: non-finite loss at {where}; restored the last good state, retrying with lr={self.lr:.3g} ({self.retries}/{self.config.train.max_retries})")
+
+
+class _NonFinite(Exception):
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"non-finite loss {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+_UNITS = "nats per datapoint; *_elbo are ELBO estimates (1 sample per datapoint), higher is better; *_loss (AE) are reconstruction losses, lower is better"
+
+
+# --------------------------------------------------------------------------------- public API
+def fit(
+    config: Config | dict | str | Path | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool | None = None,
+    data: Dataset | None = None,
+    figures: bool = True,
+) -> Run:
+    """Train the model a config describes and write the run folder ``out_dir``.
+
+    Everything the user can get wrong (config, data files, data support, shapes) is checked
+    before ``out_dir`` is created, so a bad input leaves no folder behind. With ``resume=True``
+    the run continues from ``out_dir/checkpoint.pt`` (the stored config is used; its
+    ``train.epochs`` may be raised by the given config).
+    """
+    out = Path(out_dir)
+    state = None
+    if resume:
+        state = load_checkpoint(out / CHECKPOINT)
+        stored = load_config(state["config"])
+        if config is not None:
+            new = load_config(config)
+            if new.model_dump(exclude={"train": {"epochs"}}) != stored.model_dump(exclude={"train": {"epochs"}}):
+                raise ConfigError(f"--resume: the config differs from the one stored in {out / CONFIG} (only train.epochs may change)")
+            stored.train.epochs = new.train.epochs
+        cfg = stored
+    else:
+        cfg = load_config(config)
+        if (out / CHECKPOINT).exists():
+            raise ConfigError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another --out")
+    pyro.set_rng_seed(cfg.train.seed)
+    data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg, data.shape)
+    check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
+    resolve_device(cfg.train.device)
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, out, data, model, progress)
+    try:
+        if state is not None:
+            trainer.restore(state)
+        else:
+            cfg.save(out / CONFIG)
+        finished = trainer.train()
+    except BaseException:
+        if created and not (out / CHECKPOINT).exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing resumable was written: leave nothing
+        raise
+    run = Run(dir=out, config=cfg, model=model, history=trainer.history, data=data, interrupted=not finished)
+    if finished:
+        run.metrics = final_metrics(run)
+        atomic_write_json(out / METRICS, run.metrics)
+        if figures:
+            from pyrovae import plots
+
+            plots.run_figures(run, out / "figures")
+    return run
+
+
+def final_metrics(run: Run) -> dict[str, Any]:
+    """Test-set metrics (nats per datapoint for ELBOs) plus the per-epoch history."""
+    model, data = run.model, run.data
+    device = next(model.parameters()).device
+    x_test = data.x_test.to(device)
+    model.eval()
+    out: dict[str, Any] = {"history": run.history, "units": _UNITS, "kind": run.config.model.kind}
+    out["test_reconstruction_error"] = float(evaluate.reconstruction_error(model, x_test).mean())
+    out["num_parameters"] = sum(p.numel() for p in model.parameters())
+    out["train_seconds"] = sum(h["epoch_seconds"] for h in run.history)
+    out["test_points"] = int(x_test.shape[0])
+    out["binarize"] = run.config.data.binarize
+    if isinstance(model, VAE):
+        model.kl_scale = 1.0
+        out["test_elbo"] = float(evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean())
+    else:
+        out["test_elbo"] = None
+        with torch.no_grad():
+            out["test_loss"] = sum(float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)) / len(x_test)
+    model.train()
+    return out
+
+
+def load_run(run_dir: str | Path, data: bool = False) -> Run:
+    """Load a run folder (checkpoint read with ``weights_only=True``: no code is executed)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"run folder not found: {d}")
+    state = load_checkpoint(d / CHECKPOINT)
+    cfg = load_config(state["config"])
+    model = build_model(cfg, tuple(state["data_shape"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{d / CHECKPOINT}: parameters do not match the stored config: {str(e).splitlines()[0]}") from None
+    model.eval()
+    metrics: dict[str, Any] = {}
+    if (d / METRICS).is_file():
+        import json
+
+        try:
+            metrics = json.loads((d / METRICS).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{d / METRICS}: not valid JSON ({e})") from None
+    ds = load_data(cfg.data, seed=cfg.train.seed) if data else None
+    return Run(dir=d, config=cfg, model=model, history=list(state["history"]), metrics=metrics, data=ds)
