@@ -71,8 +71,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from pyrovae.train import fit
 
     config = args.config
-    if args.resume and config is not None and args.set == []:
-        config = None if not Path(config).exists() else config
+    if config is None and not args.resume:
+        raise PyroVAEError("fit needs a CONFIG file (or --resume to continue the run in --out)")
+    if config is None and args.set:  # --resume --set train.epochs=N: edit the stored config
+        config = Path(args.out) / "config.toml"
     run = fit(_config_with_overrides(config, args.set) if config else None, args.out, resume=args.resume)
     if run.interrupted:
         print(f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'}. Continue with: pyrovae fit {args.config or ''} --out {args.out} --resume", file=sys.stderr)

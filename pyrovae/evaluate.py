@@ -3,17 +3,36 @@ r"""Per-datapoint estimators for any Pyro ``(model, guide)`` pair.
 The pair must put its per-datapoint sites inside ``pyro.plate("data", ...)`` and be called on the
 whole batch ``x`` (no subsampling). Values are in **nats per datapoint**.
 
-* :func:`log_weights` — :math:`\log w_k(x) = \log p(x, z_k) - \log q(z_k \mid x)`, :math:`z_k \sim q`;
-* :func:`elbo` — :math:`\frac1K \sum_k \log w_k` (unbiased for the ELBO);
+* :func:`log_weights` — $\log w_k(x) = \log p(x, z_k) - \log q(z_k \mid x)$, $z_k \sim q(z \mid x)$;
+* :func:`elbo` — $\frac1K \sum_k \log w_k$, unbiased for
+  $\mathrm{ELBO}(x) = E_q[\log p(x, z) - \log q(z \mid x)] \le \log p(x)$;
+* :func:`log_likelihood` — the importance-sampled (IWAE) bound
+  $\log \frac1K \sum_{k=1}^K w_k \le \log p(x)$ in expectation, which increases with $K$ and
+  converges to $\log p(x)$ (Burda et al., "Importance Weighted Autoencoders", ICLR 2016);
+* :func:`evaluate_run` — test-set metrics of a run folder, optionally with the IWAE estimate.
+
+Particles are vectorized with an extra ``pyro.plate`` left of the model's plates, so one model
+call scores a whole chunk of $K \times B$ latent draws.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 from pyro import poutine
 
+if TYPE_CHECKING:
+    from pyrovae.train import Run
+
 DATA_PLATE = "data"
+PARTICLE_PLATE = "_num_particles"
+#: default bound on particles x datapoints scored in one model call by :func:`log_likelihood`
+MAX_ROWS = 1 << 14
 
 
 def _site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch.Tensor:
@@ -39,19 +58,35 @@ def _max_plate_nesting(model, guide, *args) -> int:
     with poutine.block():
         g = poutine.trace(guide).get_trace(*args)
         m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args)
-    dims = [-f.dim for t in (g, m) for s in t.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized]
+    dims = [
+        -f.dim
+        for t in (g, m)
+        for s in t.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized
+    ]
     return max(dims, default=0)
 
 
-@torch.no_grad()
-def log_weights(model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs) -> torch.Tensor:
-    r"""Log importance weights :math:`\log p(x, z_k) - \log q(z_k|x)`, shape ``(num_particles, N)``.
+def is_scored(site: dict) -> bool:
+    """A sample site that contributes to :math:`\\log p` or :math:`\\log q` (not a plate/subsample)."""
+    return (
+        site["type"] == "sample"
+        and site["name"] != PARTICLE_PLATE
+        and site["fn"].__class__.__name__ != "_Subsample"
+    )
 
-    Particles are vectorized with an extra plate left of the model's plates. Site scales (β,
-    subsampling) are ignored: this is always the plain joint density.
+
+def vectorized_traces(model, guide, x: torch.Tensor, num_particles: int, *args, **kwargs):
+    """Guide and (replayed) model traces with ``num_particles`` draws per datapoint.
+
+    Returns ``(guide_trace, model_trace, particle_dim)``; every sample site's batch shape is
+    ``(num_particles, N)`` at dims ``(particle_dim, data dim)``. Gradients flow (no ``no_grad``).
     """
     nesting = _max_plate_nesting(model, guide, x, *args, **kwargs)
-    particles = pyro.plate("_num_particles", num_particles, dim=-(nesting + 1))
+    pdim = -(nesting + 1)
+    particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=pdim)
 
     def vec(fn):
         def wrapped(*a, **k):
@@ -63,27 +98,173 @@ def log_weights(model, guide, x: torch.Tensor, num_particles: int = 1, *args, **
     with poutine.block():
         g = poutine.trace(vec(guide)).get_trace(x, *args, **kwargs)
         m = poutine.trace(poutine.replay(vec(model), trace=g)).get_trace(x, *args, **kwargs)
-    pdim = -(nesting + 1)
-    total = torch.zeros((), device=x.device, dtype=x.dtype if x.is_floating_point() else torch.get_default_dtype())
-    for trace, sign in ((m, 1.0), (g, -1.0)):
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or site["name"] == "_num_particles" or site["fn"].__class__.__name__ == "_Subsample":
-                continue
-            lp = _site_log_prob(site, _data_dim(site), pdim)
-            total = total + sign * lp
-    n = x.shape[0]
+    return g, m, pdim
+
+
+def trace_log_prob(trace, pdim: int, num_particles: int, n: int, observed: bool | None = None):
+    """Sum of per-datapoint log densities of a trace's sample sites, shape ``(K, N)``.
+
+    ``observed=True`` keeps only observed sites, ``False`` only latent ones, ``None`` all.
+    """
+    total = torch.zeros(())
+    for site in trace.nodes.values():
+        if not is_scored(site) or (observed is not None and site["is_observed"] != observed):
+            continue
+        total = total + _site_log_prob(site, _data_dim(site), pdim)
     total = total.expand(num_particles, n) if total.dim() < 2 else total
     return total.reshape(num_particles, n)
 
 
-def elbo(model, guide, x: torch.Tensor, num_particles: int = 1, batch_size: int | None = None) -> torch.Tensor:
-    r"""Monte Carlo ELBO per datapoint, :math:`\frac1K\sum_k \log p(x,z_k) - \log q(z_k|x)`; shape ``(N,)``."""
+def log_weights_with_grad(
+    model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs
+) -> torch.Tensor:
+    r""":func:`log_weights` without ``torch.no_grad`` (for optimizing a guide on it)."""
+    g, m, pdim = vectorized_traces(model, guide, x, num_particles, *args, **kwargs)
+    n = x.shape[0]
+    return trace_log_prob(m, pdim, num_particles, n) - trace_log_prob(g, pdim, num_particles, n)
+
+
+@torch.no_grad()
+def log_weights(
+    model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs
+) -> torch.Tensor:
+    r"""Log importance weights :math:`\log p(x, z_k) - \log q(z_k|x)`, shape ``(num_particles, N)``.
+
+    Particles are vectorized with an extra plate left of the model's plates. Site scales (β,
+    subsampling) are ignored: this is always the plain joint density.
+    """
+    return log_weights_with_grad(model, guide, x, num_particles, *args, **kwargs)
+
+
+def elbo(
+    model, guide, x: torch.Tensor, num_particles: int = 1, batch_size: int | None = None
+) -> torch.Tensor:
+    r"""Monte Carlo ELBO per datapoint, shape ``(N,)``, nats.
+
+    .. math:: \widehat{\mathrm{ELBO}}(x) = \frac1K\sum_{k=1}^K \log p(x,z_k) - \log q(z_k|x),
+       \qquad z_k \sim q(z\mid x).
+
+    ``batch_size`` splits the datapoints into chunks (memory).
+    """
     bs = batch_size or x.shape[0]
     out = [log_weights(model, guide, xb, num_particles).mean(0) for xb in x.split(bs)]
     return torch.cat(out)
+
+
+def _chunks(num_samples: int, n: int, batch_size: int | None, max_rows: int) -> tuple[int, int]:
+    """(datapoints per chunk, particles per chunk) so that their product is about ``max_rows``."""
+    if batch_size is not None:
+        b = max(1, min(batch_size, n))
+        return b, max(1, min(num_samples, max_rows // b))
+    k = max(1, min(num_samples, max_rows))
+    return max(1, min(n, max_rows // k)), k
+
+
+@torch.no_grad()
+def log_likelihood(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    batch_size: int | None = None,
+    max_rows: int = MAX_ROWS,
+) -> torch.Tensor:
+    r"""Importance-sampled :math:`\log p(x)` per datapoint (the IWAE bound), shape ``(N,)``, nats.
+
+    .. math:: \log \hat p_K(x) = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k\mid x)},
+       \qquad z_k \sim q(z \mid x),
+
+    with :math:`E[\log \hat p_K(x)] \le \log p(x)`, increasing in :math:`K` (Burda et al. 2016).
+    The guide is the proposal. Memory is bounded whatever ``num_samples``: datapoints are split
+    into chunks of ``batch_size`` and particles into chunks so that at most about ``max_rows``
+    (particle, datapoint) pairs go through the networks at once; the log-sum-exp over
+    particles is accumulated chunk by chunk (streaming: :math:`s \leftarrow
+    \operatorname{logaddexp}(s, \operatorname{logsumexp}_k \log w_k)`).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    b, k = _chunks(num_samples, x.shape[0], batch_size, max_rows)
+    out = []
+    for xb in x.split(b):
+        acc = torch.full((xb.shape[0],), -math.inf, dtype=torch.float64)
+        done = 0
+        while done < num_samples:
+            kc = min(k, num_samples - done)
+            lw = log_weights(model, guide, xb, kc).to(torch.float64)
+            acc = torch.logaddexp(acc, torch.logsumexp(lw, 0).cpu())
+            done += kc
+        out.append(acc - math.log(num_samples))
+    return torch.cat(out).to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
 
 
 @torch.no_grad()
 def reconstruction_error(net, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     r"""Squared error :math:`\|x - \hat x\|^2` per datapoint, :math:`\hat x = E[x \mid z=E_q z]` (VAE) or the AE output."""
     return torch.cat([(xb - net.reconstruct(xb)).pow(2).sum(-1) for xb in x.split(batch_size)])
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error :math:`s/\\sqrt N` over datapoints."""
+    v = values.detach().double().flatten()
+    se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def evaluate_run(
+    run: Run, iwae_samples: int | None = None, batch_size: int | None = None
+) -> dict[str, Any]:
+    r"""Test-split metrics of a run (see :func:`pyrovae.train.final_metrics`), plus
+    ``log_likelihood`` (IWAE, ``iwae_samples`` = K) with its standard error when asked.
+
+    All values are nats per datapoint. ``run`` must be loaded with its data
+    (``load_run(dir, data=True)``). For an autoencoder run the log-likelihood is ``None`` with
+    the reason in ``log_likelihood_note``.
+    """
+    from pyrovae.model import VAE
+    from pyrovae.train import final_metrics
+
+    if run.data is None:
+        raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
+    if iwae_samples is not None and iwae_samples < 1:
+        from pyrovae.errors import PyroVAEError
+
+        raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
+    m = final_metrics(run)
+    m.pop("history", None)
+    if iwae_samples is None:
+        return m
+    m.update(log_likelihood_samples=iwae_samples, log_likelihood_split="test")
+    model = run.model
+    if not isinstance(model, VAE):
+        m.update(log_likelihood=None, log_likelihood_se=None)
+        m["log_likelihood_note"] = (
+            "not defined for an autoencoder: it has no prior p(z) and no q(z|x)"
+        )
+        return m
+    device = next(model.parameters()).device
+    with evaluation_mode(model):
+        ll = log_likelihood(
+            model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
+        )
+    mean, se = mean_and_se(ll)
+    m.update(log_likelihood=mean, log_likelihood_se=se)
+    m["log_likelihood_note"] = (
+        f"importance-sampled log p(x) (IWAE bound, K={iwae_samples}, proposal q(z|x)) on the "
+        f"test split, binarize={run.config.data.binarize!r}; nats per datapoint, higher is "
+        "better; negative log-likelihood (NLL) = -log_likelihood"
+    )
+    return m
+
+
+@contextmanager
+def evaluation_mode(vae) -> Iterator[Any]:
+    """Evaluate a :class:`pyrovae.VAE` as the plain ELBO model: β = 1, ``eval()``, no Pyro
+    param-store registration; everything is restored on exit."""
+    saved = (vae.kl_scale, vae.register_params, vae.training)
+    vae.kl_scale, vae.register_params = 1.0, False
+    vae.eval()
+    try:
+        yield vae
+    finally:
+        vae.kl_scale, vae.register_params = saved[0], saved[1]
+        vae.train(saved[2])

@@ -21,6 +21,7 @@ becomes :math:`-E_q[\log p(x|z)] + \beta\,\mathrm{KL}` (Higgins et al. 2017).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -86,10 +87,7 @@ class VAE(nn.Module):
             pyro.module(self.pyro_name, self)
         with self._plate(x, n_data):
             prior = self.prior()
-            if self.kl_scale != 1.0:
-                with poutine.scale(scale=self.kl_scale):
-                    z = pyro.sample("z", prior)
-            else:
+            with self._kl_weight():
                 z = pyro.sample("z", prior)
             raw = self.decoder(z)
             pyro.sample("x", self.likelihood(self._unflatten(raw)), obs=x)
@@ -101,10 +99,16 @@ class VAE(nn.Module):
             pyro.module(self.pyro_name, self)
         with self._plate(x, n_data):
             q = self.posterior(x)
-            if self.kl_scale != 1.0:
-                with poutine.scale(scale=self.kl_scale):
-                    return pyro.sample("z", q)
-            return pyro.sample("z", q)
+            with self._kl_weight():
+                return pyro.sample("z", q)
+
+    def _kl_weight(self):
+        """β on the latent site: ``poutine.scale`` (β > 0), ``poutine.mask(False)`` (β = 0)."""
+        if self.kl_scale == 1.0:
+            return contextlib.nullcontext()
+        if self.kl_scale == 0.0:
+            return poutine.mask(mask=False)
+        return poutine.scale(scale=self.kl_scale)
 
     # ---- deterministic helpers (no Pyro effects) ---------------------------------------
     def _unflatten(self, raw: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,8 @@ class FlowPrior(Prior):
 
     ``f^{-1}`` is a stack of affine autoregressive (MAF) layers from
     ``pyro.distributions.transforms`` with permutations between them; scoring ``z`` (what the
-    ELBO needs) is one network pass per layer, sampling is sequential.
+    ELBO needs) is one network pass per layer, sampling is sequential. For ``latent_dim = 1``
+    the layers are monotone rational-quadratic splines (Durkan et al. 2019).
     """
 
     class Spec(Spec):
@@ -147,9 +148,11 @@ class FlowPrior(Prior):
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
         hidden = [max(h, 2 * latent_dim) for h in spec.hidden]
-        self.flows = nn.ModuleList(
-            [T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)]
-        )
+        if latent_dim == 1:  # nothing to condition on: use monotone rational-quadratic splines
+            layers = [T.spline(1, count_bins=8, bound=6.0) for _ in range(spec.layers)]
+        else:
+            layers = [T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)]
+        self.flows = nn.ModuleList(layers)
         perms = [torch.randperm(latent_dim, generator=torch.Generator().manual_seed(i)) for i in range(spec.layers)]
         self.register_buffer("perms", torch.stack(perms))
 
@@ -157,7 +160,8 @@ class FlowPrior(Prior):
         # z = f(eps): eps -> [MAF^-1, permute]*L. Scoring z runs each MAF forward (one pass).
         transforms: list[T.Transform] = []
         for flow, perm in zip(self.flows, self.perms, strict=True):
-            transforms += [flow.inv, T.Permute(perm)]
+            # splines (d = 1) invert analytically in both directions; MAF layers score via .inv
+            transforms += [flow if self.latent_dim == 1 else flow.inv, T.Permute(perm)]
         return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
 
 

@@ -266,13 +266,14 @@ class Trainer:
                     self.save()
                     return False
                 seconds = time.perf_counter() - start
+                scale = self.model.kl_scale if self.is_vae else None
                 val = self.validate()
                 if not math.isfinite(val):
                     self._recover(_NonFinite(self.epoch, -1, val), good, good_rng)
                     continue
                 row = {"epoch": self.epoch + 1, "epoch_seconds": seconds, "lr": self.lr}
                 if self.is_vae:
-                    row.update(train_elbo=-loss, val_elbo=val, kl_scale=self.model.kl_scale)
+                    row.update(train_elbo=-loss, val_elbo=val, kl_scale=scale)
                 else:
                     row.update(train_loss=loss, val_loss=val)
                 self.history.append(row)

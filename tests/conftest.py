@@ -1,0 +1,44 @@
+"""Shared test setup: Pyro validation on, a clean param store, 2 threads, a tiny digits run."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _pyro_state():
+    pyro.enable_validation(True)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def tiny_config(**sections) -> dict:
+    """A digits config that trains in about a second."""
+    cfg = {
+        "data": {"dataset": "digits", "limit": 256},
+        "model": {
+            "latent_dim": 2,
+            "encoder": {"kind": "mlp", "hidden": [32]},
+            "decoder": {"kind": "mlp", "hidden": [32]},
+        },
+        "train": {"epochs": 2, "batch_size": 64, "seed": 0, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """One trained tiny VAE run folder, shared by read-only tests."""
+    import pyrovae
+
+    out = tmp_path_factory.mktemp("runs") / "vae"
+    pyro.enable_validation(True)
+    return pyrovae.fit(tiny_config(train={"epochs": 3}), out, progress=False)
