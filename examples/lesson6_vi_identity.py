@@ -1,6 +1,6 @@
 """Lesson 6: log p(x) = ELBO(q) + KL(q || p(z|x)), verified on probabilistic PCA with Pyro.
 
-    python examples/lesson6_vi_identity.py [--steps 1500] [--out out/lesson6]
+    python examples/lesson6_vi_identity.py [--steps 600] [--out out/lesson6]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pyrovae.teaching.vi_identity import plot_vi_identity, vi_identity_lesson
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="SVI steps")
+    parser.add_argument("--steps", type=int, default=600, help="SVI steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/lesson6"), help="figure folder")
     args = parser.parse_args(argv)

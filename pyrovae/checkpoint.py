@@ -1,16 +1,21 @@
 """Atomic, code-free persistence of runs.
 
 * Every file is written to a temporary file in the same folder, flushed, fsync'ed and renamed
-  over the target, so a crash at any moment leaves either the old or the new file, never half.
+  over the target (then the folder is fsync'ed), so a crash at any moment leaves either the old
+  or the new file, never half of one. A crash can leave the temporary file behind
+  (``.checkpoint.pt.XXXX.tmp``); :func:`remove_stale_temp_files` deletes those on resume.
 * Checkpoints hold only tensors and plain data; they are read with
   ``torch.load(..., weights_only=True)``, which refuses pickled code. The config is stored as
-  data (a dict) and re-validated on load.
+  data (a dict) and re-validated on load; :func:`load_checkpoint` also checks that every entry
+  the trainer needs is present and has the right type, so a corrupt or hand-made checkpoint is
+  a :class:`~pyrovae.errors.CheckpointError` naming the file, never a crash deeper in.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,9 +28,27 @@ from pyrovae.errors import CheckpointError
 CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 
+#: largest number of values per datapoint a checkpoint may declare (guards against absurd
+#: ``data_shape`` entries in untrusted files that would allocate huge networks)
+MAX_DATA_DIM = 2**28
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,10 +64,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temporary files a killed process left in a run folder; return what was removed.
+
+    Only names this module (``.NAME.XXXX.tmp``) and :mod:`pyrovae.plots` (``.NAME.tmp.png`` in
+    ``figures/``) create are touched.
+    """
+    folder = Path(folder)
+    stale = [*folder.glob(".*.tmp"), *(folder / "figures").glob(".*.tmp.png")]
+    removed = []
+    for p in stale:
+        if p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -55,19 +99,119 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without executing code; raise :class:`CheckpointError` on any problem."""
+    """Load a checkpoint without executing code; raise :class:`CheckpointError` on any problem.
+
+    The file is read with ``weights_only=True`` (pickled classes and functions are refused), its
+    ``format_version`` must be :data:`FORMAT_VERSION`, and :func:`check_state` validates the
+    entries.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: expected a checkpoint file, got a folder or special file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything torch raises here means "unsafe or corrupt"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused to load: not a valid pyrovae checkpoint, or it contains code/objects "
-            f"that are not plain tensors and data (loaded with weights_only=True). Detail: {first}"
+            f"{path}: refused to load: not a valid pyrovae checkpoint (truncated or corrupt), or "
+            "it contains code/objects that are not plain tensors and data (loaded with "
+            f"weights_only=True, nothing was executed). Detail: {first}"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         got = state.get("format_version") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: unsupported checkpoint format: expected format_version {FORMAT_VERSION}, got {got!r}")
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format: expected format_version "
+            f"{FORMAT_VERSION}, got {got!r}"
+        )
+    check_state(state, path)
     return state
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _tensor_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()
+    )
+
+
+#: entry -> (check, what it must be), for every entry the trainer and ``load_run`` read
+_ENTRIES: dict[str, tuple[Any, str]] = {
+    "kind": (lambda v: v in ("vae", "ae"), "'vae' or 'ae'"),
+    "config": (lambda v: isinstance(v, dict), "a table (the run's config)"),
+    "data_shape": (
+        lambda v: (
+            isinstance(v, (list, tuple))
+            and 0 < len(v) <= 8
+            and all(_is_int(s, 1) for s in v)
+            and math.prod(v) <= MAX_DATA_DIM
+        ),
+        f"a list of 1 to 8 positive integers with product <= {MAX_DATA_DIM}",
+    ),
+    "model": (_tensor_dict, "a dict of parameter name -> tensor"),
+    "optimizer": (
+        lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v,
+        "an optimizer state dict",
+    ),
+    "epoch": (_is_int, "an integer >= 0"),
+    "step_in_epoch": (_is_int, "an integer >= 0"),
+    "perm": (
+        lambda v: v is None or (isinstance(v, torch.Tensor) and v.dim() == 1),
+        "None or a 1-D tensor",
+    ),
+    "torch_rng": (
+        lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+        "a uint8 RNG-state tensor",
+    ),
+    "cuda_rng": (
+        lambda v: v is None or (isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+        "None or a uint8 RNG-state tensor",
+    ),
+    "batch_rng": (
+        lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+        "a uint8 RNG-state tensor",
+    ),
+    "lr": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+        "a finite number > 0",
+    ),
+    "retries": (_is_int, "an integer >= 0"),
+    "history": (
+        lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+        "a list of per-epoch tables",
+    ),
+}
+
+
+def check_state(state: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has every entry, of the right type.
+
+    Also refuses non-finite parameters: pyrovae never writes them (see ``Trainer.save``), so a
+    checkpoint holding NaN/inf was damaged or made elsewhere.
+    """
+    missing = [k for k in _ENTRIES if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint: expected the entries {', '.join(_ENTRIES)}; "
+            f"missing {', '.join(missing)}"
+        )
+    for key, (ok, what) in _ENTRIES.items():
+        value = state[key]
+        if not ok(value):
+            if isinstance(value, torch.Tensor):
+                shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            elif isinstance(value, dict):
+                shown = f"a dict with keys {list(value)[:6]}"
+            else:
+                shown = repr(value)
+            raise CheckpointError(f"{path}: entry {key!r}: expected {what}, got {shown[:120]}")
+    for name, t in state["model"].items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"{path}: parameter {name!r} holds NaN/inf values; expected finite numbers "
+                "(pyrovae never writes such a checkpoint: the file was damaged or made elsewhere)"
+            )

@@ -1,14 +1,16 @@
 """Command-line interface: ``pyrovae fit | evaluate | sample | compare``.
 
 User errors (bad config, bad data, missing files, unsafe checkpoints) print one line starting
-with ``pyrovae: error:`` and exit with status 2; no traceback. Ctrl-C during ``fit`` writes a
-checkpoint and exits with status 130; ``--resume`` continues.
+with ``pyrovae: error:`` and exit with status 2; no traceback. Errors of the file system
+(permission denied, disk full) print one line and exit with status 1. Ctrl-C (SIGINT) or SIGTERM
+during ``fit`` writes a checkpoint and exits with status 130; ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable
@@ -39,7 +41,9 @@ examples:
 """
 
 #: other modules add subcommands here: name -> (add_arguments, handler)
-EXTRA_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+EXTRA_COMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+] = {}
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -54,11 +58,21 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
     """Side-by-side table of finished runs' metrics."""
     head = ["model", "test ELBO (nats/pt)", "recon. error (SSE/pt)", "parameters", "train seconds"]
     body = [
-        [name, _fmt(m.get("test_elbo")), _fmt(m.get("test_reconstruction_error"), 3), f"{m.get('num_parameters', 0):,}", _fmt(m.get("train_seconds"), 1)]
+        [
+            name,
+            _fmt(m.get("test_elbo")),
+            _fmt(m.get("test_reconstruction_error"), 3),
+            f"{m.get('num_parameters', 0):,}",
+            _fmt(m.get("train_seconds"), 1),
+        ]
         for name, m in rows
     ]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
     sep = "  ".join("-" * w for w in widths)
     notes = (
         "test ELBO: single-sample ELBO estimate averaged over the test split (a lower bound on log p(x); "
@@ -75,14 +89,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise PyroVAEError("fit needs a CONFIG file (or --resume to continue the run in --out)")
     if config is None and args.set:  # --resume --set train.epochs=N: edit the stored config
         config = Path(args.out) / "config.toml"
-    run = fit(_config_with_overrides(config, args.set) if config else None, args.out, resume=args.resume)
+    run = fit(
+        _config_with_overrides(config, args.set) if config else None, args.out, resume=args.resume
+    )
     if run.interrupted:
-        print(f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'}. Continue with: pyrovae fit {args.config or ''} --out {args.out} --resume", file=sys.stderr)
+        print(
+            f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'} "
+            f"(epoch {len(run.history)} complete). Continue with: "
+            f"pyrovae fit --out {shlex.quote(str(args.out))} --resume",
+            file=sys.stderr,
+        )
         return 130
     m = run.metrics
     if m.get("test_elbo") is not None:
-        print(f"test ELBO: {m['test_elbo']:.3f} nats per datapoint ({m['test_points']} test points, 1 sample each)")
-    print(f"test reconstruction error: {m['test_reconstruction_error']:.4f} (sum of squared errors per datapoint)")
+        print(
+            f"test ELBO: {m['test_elbo']:.3f} nats per datapoint ({m['test_points']} test points, 1 sample each)"
+        )
+    print(
+        f"test reconstruction error: {m['test_reconstruction_error']:.4f} (sum of squared errors per datapoint)"
+    )
     print(f"run folder: {run.dir}")
     return 0
 
@@ -122,12 +147,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if isinstance(model, VAE):
         x, title = model.sample(args.n), "E[x|z], z ~ p(z)"
     else:
-        x, title = model.decode_prior_draws(args.n, torch.Generator().manual_seed(args.seed)), "AE decoder(z), z ~ N(0, I)"
+        x, title = (
+            model.decode_prior_draws(args.n, torch.Generator().manual_seed(args.seed)),
+            "AE decoder(z), z ~ N(0, I)",
+        )
     out = Path(args.out)
     shape = model.data_shape
     if out.suffix.lower() == ".npy":
         import numpy as np
 
+        out.parent.mkdir(parents=True, exist_ok=True)  # as image_grid does for .png
         np.save(out, x.reshape(-1, *shape).cpu().numpy())
     elif len(shape) == 3 and shape[0] in (1, 3):
         image_grid(x, shape, out, title)
@@ -169,27 +198,48 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
-    f = sub.add_parser("fit", help="train the model a config describes", epilog=EPILOG_FIT, formatter_class=raw)
+    f = sub.add_parser(
+        "fit", help="train the model a config describes", epilog=EPILOG_FIT, formatter_class=raw
+    )
     f.add_argument("config", nargs="?", help="TOML config file (optional with --resume)")
     f.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.epochs=5 (repeatable)")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.epochs=5 (repeatable)",
+    )
+    f.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
     f.set_defaults(func=_cmd_fit)
 
-    e = sub.add_parser("evaluate", help="test-set metrics of a run", epilog=EPILOG_EVALUATE, formatter_class=raw)
+    e = sub.add_parser(
+        "evaluate", help="test-set metrics of a run", epilog=EPILOG_EVALUATE, formatter_class=raw
+    )
     e.add_argument("run_dir")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("sample", help="draw samples from a trained VAE", epilog=EPILOG_SAMPLE, formatter_class=raw)
+    s = sub.add_parser(
+        "sample", help="draw samples from a trained VAE", epilog=EPILOG_SAMPLE, formatter_class=raw
+    )
     s.add_argument("run_dir")
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--out", required=True, help="output .png (image grid) or .npy")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_sample)
 
-    c = sub.add_parser("compare", help="train the VAE and the AE baseline from one config and print a table", epilog=EPILOG_COMPARE, formatter_class=raw)
-    c.add_argument("config", nargs="?", default=None, help="TOML config (default: the built-in digits config)")
+    c = sub.add_parser(
+        "compare",
+        help="train the VAE and the AE baseline from one config and print a table",
+        epilog=EPILOG_COMPARE,
+        formatter_class=raw,
+    )
+    c.add_argument(
+        "config", nargs="?", default=None, help="TOML config (default: the built-in digits config)"
+    )
     c.add_argument("--out", required=True)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.set_defaults(func=_cmd_compare)
@@ -223,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).replace("\n", "\n  ")
         print(f"pyrovae: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no (permissions, disk full, ...): not a bug
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pyrovae: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pyrovae: interrupted", file=sys.stderr)
         return 130

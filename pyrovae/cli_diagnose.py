@@ -28,17 +28,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
     p.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
-    p.add_argument("--points", type=int, default=4, help="test points for the NUTS gold standard (0: skip; default 4)")
-    p.add_argument("--iwae-samples", type=int, default=1000, metavar="K", help="importance samples for log p(x) (default 1000)")
-    p.add_argument("--khat-samples", type=int, default=1000, metavar="K", help="importance samples per point for PSIS k-hat (default 1000)")
-    p.add_argument("--max-points", type=int, default=1000, help="cap on test points for the decomposition, k-hat, I(x;z) (default 1000)")
-    p.add_argument("--gap-points", type=int, default=100, help="test points for the amortization gap (0: skip; default 100)")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=4,
+        help="test points for the NUTS gold standard (0: skip; default 4)",
+    )
+    p.add_argument(
+        "--iwae-samples",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="importance samples for log p(x) (default 1000)",
+    )
+    p.add_argument(
+        "--khat-samples",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="importance samples per point for PSIS k-hat (default 1000)",
+    )
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=1000,
+        help="cap on test points for the decomposition, k-hat, I(x;z) (default 1000)",
+    )
+    p.add_argument(
+        "--gap-points",
+        type=int,
+        default=50,
+        help="test points for the amortization gap (0: skip; default 50)",
+    )
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name, low in (("points", 0), ("iwae_samples", 1), ("khat_samples", 20), ("max_points", 2), ("gap_points", 0), ("chains", 1)):
+    for name, low in (
+        ("points", 0),
+        ("iwae_samples", 1),
+        ("khat_samples", 20),
+        ("max_points", 2),
+        ("gap_points", 0),
+        ("chains", 1),
+    ):
         v = getattr(args, name)
         if v < low:
             raise PyroVAEError(f"--{name.replace('_', '-')} must be at least {low}; got {v}")
@@ -49,21 +83,31 @@ def _check(args: argparse.Namespace) -> None:
 def _print_text(r: dict) -> None:
     print(f"run: {r['run']} ({r['kind']}), {r['points']} test points")
     if r["kind"] == "ae":
-        print(f"reconstruction error      {r['reconstruction_error']:.4f} (sum of squared errors per datapoint)")
+        print(
+            f"reconstruction error      {r['reconstruction_error']:.4f} (sum of squared errors per datapoint)"
+        )
         print(f"codes used                {r['codes_used']} of {r['latent_dim']} (variance > 0.01)")
         print(r["not_applicable"])
         return
     ll, el, d = r["log_likelihood"], r["elbo"], r["decomposition"]
-    print(f"log-likelihood (IWAE K={ll['samples']})  {ll['mean']:.3f} ± {ll['se']:.3f} nats per datapoint")
+    print(
+        f"log-likelihood (IWAE K={ll['samples']})  {ll['mean']:.3f} ± {ll['se']:.3f} nats per datapoint"
+    )
     print(f"ELBO (1 sample)           {el['mean']:.3f} ± {el['se']:.3f}")
     print(f"reconstruction, KL        {d['reconstruction']:.3f}, {d['kl']:.3f}")
-    print(f"I(x;z), KL(q(z)||p(z))    {d['mutual_information']:.3f}, {d['aggregate_kl']:.3f} (log N = {d['log_n']:.2f})")
+    print(
+        f"I(x;z), KL(q(z)||p(z))    {d['mutual_information']:.3f}, {d['aggregate_kl']:.3f} (log N = {d['log_n']:.2f})"
+    )
     print(f"active units              {d['active_units']} of {d['latent_dim']}")
     p = r["psis"]
-    print(f"PSIS k-hat                <0.5: {p['share_below_0.5']:.0%}  0.5-0.7: {p['share_0.5_to_0.7']:.0%}  >0.7: {p['share_above_0.7']:.0%}")
+    print(
+        f"PSIS k-hat                <0.5: {p['share_below_0.5']:.0%}  0.5-0.7: {p['share_0.5_to_0.7']:.0%}  >0.7: {p['share_above_0.7']:.0%}"
+    )
     if "amortization" in r:
         a = r["amortization"]
-        print(f"gaps: approximation       {a['approximation_gap']:.3f}, amortization {a['amortization_gap']:.3f}")
+        print(
+            f"gaps: approximation       {a['approximation_gap']:.3f}, amortization {a['amortization_gap']:.3f}"
+        )
     for k, v in r["verdicts"].items():
         print(f"- {k}: {v}")
 
@@ -96,4 +140,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-EXTRA_COMMANDS["diagnose"] = (add_arguments, run_diagnose, "posterior diagnostics of a run (k-hat, KL per dim, NUTS, gaps) and an HTML report")
+EXTRA_COMMANDS["diagnose"] = (
+    add_arguments,
+    run_diagnose,
+    "posterior diagnostics of a run (k-hat, KL per dim, NUTS, gaps) and an HTML report",
+)

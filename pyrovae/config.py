@@ -8,11 +8,12 @@ dotted name of the key and the allowed values; every value can be overridden wit
 
 from __future__ import annotations
 
-import tomllib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pyrovae.data import DataConfig
@@ -93,7 +94,11 @@ def _clean_loc(loc: tuple) -> tuple:
     """Drop the union tag pydantic inserts (``model.prior.mixture.components`` -> ``model.prior.components``)."""
     out: list = []
     for part in loc:
-        if out and out[-1] in _BLOCKS and any(part in r.kinds() for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES)):
+        if (
+            out
+            and out[-1] in _BLOCKS
+            and any(part in r.kinds() for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES))
+        ):
             out.append(f"<{part}>")
             continue
         out.append(part)
@@ -106,6 +111,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = _clean_loc(e["loc"])
         name = ".".join(str(p) for p in loc if not str(p).startswith("<"))
         msg = e["msg"]
+        if e["type"] == "union_tag_not_found" and loc and loc[-1] in _REG_BY_BLOCK:
+            kinds = [k for r in _REG_BY_BLOCK[loc[-1]] for k in r.kinds()]
+            msg = f"missing 'kind' (allowed: {', '.join(kinds)})"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             allowed = _allowed_keys(loc[:-1])
@@ -123,10 +131,10 @@ def _allowed_keys(path: tuple) -> list[str]:
     for part in path:
         if isinstance(part, str) and part.startswith("<"):
             kind = part[1:-1]
-            model = next(
-                (r[kind].Spec for r in _REG_BY_BLOCK[prev] if kind in r.kinds()), None
-            )
-        elif isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = next((r[kind].Spec for r in _REG_BY_BLOCK[prev] if kind in r.kinds()), None)
+        elif (
+            isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields
+        ):
             ann = model.model_fields[part].annotation
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         else:
@@ -197,7 +205,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
 
 
-def load_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None
+) -> Config:
     """Load and validate a config from a TOML path, a dict, or defaults (``None``).
 
     Raises :class:`~pyrovae.errors.ConfigError` naming each bad key (dotted) and the problem.
@@ -212,9 +222,27 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     else:
         raw, name = read_toml(source), str(source)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: a config must be a table of [data], [model], [train]; got {type(raw).__name__}")
+        raise ConfigError(
+            f"{name}: a config must be a table of [data], [model], [train]; got {type(raw).__name__}"
+        )
     raw = apply_overrides(raw, list(overrides or []))
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, name)) from None
+    bad = [
+        (k, v) for k, v in _leaves(cfg.to_dict()) if isinstance(v, float) and not math.isfinite(v)
+    ]
+    if bad:
+        lines = "\n  ".join(f"{k}: expected a finite number; got {v!r}" for k, v in bad)
+        raise ConfigError(f"invalid config ({name}):\n  {lines}")
+    return cfg
+
+
+def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted.key, value)`` for every non-table value of a nested dict (lists flattened)."""
+    if isinstance(d, dict):
+        return [kv for k, v in d.items() for kv in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(d, list):
+        return [kv for i, v in enumerate(d) for kv in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), d)]

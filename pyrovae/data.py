@@ -494,7 +494,8 @@ def _point_shape(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _check_values(x: np.ndarray, what: str) -> None:
-    """Reject NaN / inf values, naming the count and the first offending index."""
+    """Reject NaN / inf values (naming the count and the first offending index) and values
+    that would overflow to inf as float32."""
     if x.dtype.kind != "f":
         return
     bad = ~np.isfinite(x)
@@ -504,6 +505,12 @@ def _check_values(x: np.ndarray, what: str) -> None:
         raise DataError(
             f"{what}: expected finite values, found {count} NaN/inf value(s), the first at "
             f"index {first if len(first) > 1 else first[0]}"
+        )
+    limit = float(np.finfo(np.float32).max)
+    if x.dtype.itemsize > 4 and x.size and float(np.abs(x).max()) > limit:
+        raise DataError(
+            f"{what}: expected values within the float32 range (|x| <= {limit:.4g}), found "
+            f"{float(np.abs(x).max()):.4g}"
         )
 
 
@@ -531,8 +538,9 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 def _to_float(x: np.ndarray, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Rows ``idx`` of ``x`` as a contiguous float32 ``(len(idx), D)`` tensor."""
-    rows = np.ascontiguousarray(x[idx.numpy()])
-    t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:])).to(torch.float32)
+    # numpy converts any numeric dtype (big-endian, float128, uint64, bool) to float32 first
+    rows = np.ascontiguousarray(x[idx.numpy()], dtype=np.float32)
+    t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:]))
     if scale is not None:
         t = t / scale
     return t.contiguous()

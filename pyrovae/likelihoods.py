@@ -126,10 +126,6 @@ class ContinuousBernoulli(_UnitInterval):
     def forward(self, raw):
         return dist.ContinuousBernoulli(logits=raw[..., 0, :]).to_event(1)
 
-    def reconstruction_loss(self, raw, x):
-        """Binary cross-entropy: the AE baseline on [0, 1] data uses the usual BCE."""
-        return nn.functional.binary_cross_entropy_with_logits(raw[..., 0, :], x, reduction="none").sum(-1)
-
 
 class _LocationScale(Likelihood):
     """``scale`` fixed (a positive number) or ``"learned"`` (one learned scale per feature)."""

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pyrovae.diagnostics import ACTIVE_THRESHOLD, KHAT_BAD, KHAT_GOOD, Diagnosis  # noqa: E402
 
@@ -35,7 +36,7 @@ def _png(fig) -> bytes:
 def latent_usage_figure(kl_per_dim: list[float] | None, mean_variance: list[float]) -> bytes:
     """Bars: KL(q(z_u|x)||p(z_u)) per dimension and Cov_x E_q[z_u] with the 0.01 threshold."""
     d = len(mean_variance)
-    fig, axes = plt.subplots(1, 2, figsize=(min(3 + 0.25 * d, 12), 3))
+    fig, axes = plt.subplots(1, 2, figsize=(min(max(8.0, 2 + 0.4 * d), 14), 3))
     u = np.arange(d)
     if kl_per_dim is not None:
         axes[0].bar(u, kl_per_dim, color="tab:blue")
@@ -48,9 +49,10 @@ def latent_usage_figure(kl_per_dim: list[float] | None, mean_variance: list[floa
     axes[1].bar(u, var, color=colors)
     axes[1].axhline(ACTIVE_THRESHOLD, color="k", ls="--", lw=1)
     axes[1].set_yscale("log")
-    axes[1].set_title("Cov_x E_q[z_u] (active > 0.01)", fontsize=9)
+    axes[1].set_title("Cov_x E_q[z_u]; active if > 0.01 (dashed)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("latent dimension u")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
@@ -71,7 +73,12 @@ def khat_figure(khat: np.ndarray) -> bytes:
 def posterior_overlay_figure(idata, dims: tuple[int, int] | int) -> bytes:
     """NUTS draws (gold standard) and q(z|x) draws per datapoint, on two latent dims (or one)."""
     post = idata.posterior["z"].stack(s=("chain", "draw")).transpose("s", "point", "latent").values
-    var = idata["variational"]["z"].stack(s=("chain", "draw")).transpose("s", "point", "latent").values
+    var = (
+        idata["variational"]["z"]
+        .stack(s=("chain", "draw"))
+        .transpose("s", "point", "latent")
+        .values
+    )
     points = idata.posterior["point"].values
     n = len(points)
     fig, axes = plt.subplots(1, n, figsize=(2.8 * n, 2.9), squeeze=False)
@@ -98,7 +105,13 @@ def gap_figure(approximation: np.ndarray, amortization: np.ndarray) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 2.8))
     u = np.arange(order.size)
     ax.bar(u, approximation[order], width=1.0, label="approximation gap log p̂(x) − ELBO(q*)")
-    ax.bar(u, amortization[order], width=1.0, bottom=approximation[order], label="amortization gap ELBO(q*) − ELBO(q)")
+    ax.bar(
+        u,
+        amortization[order],
+        width=1.0,
+        bottom=approximation[order],
+        label="amortization gap ELBO(q*) − ELBO(q)",
+    )
     ax.set_xlabel("datapoints (sorted)")
     ax.set_ylabel("nats")
     ax.legend(fontsize=7)
@@ -107,7 +120,7 @@ def gap_figure(approximation: np.ndarray, amortization: np.ndarray) -> bytes:
 
 def code_variance_figure(var: np.ndarray) -> bytes:
     """Autoencoder code usage: variance of each code dimension over the test set."""
-    fig, ax = plt.subplots(figsize=(min(3 + 0.2 * var.size, 12), 2.8))
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 2 + 0.3 * var.size), 14), 2.8))
     ax.bar(np.arange(var.size), np.maximum(var, 1e-12))
     ax.axhline(ACTIVE_THRESHOLD, color="k", ls="--", lw=1)
     ax.set_yscale("log")
@@ -136,7 +149,9 @@ def make_figures(diag: Diagnosis) -> dict[str, bytes]:
     if diag.idata is not None:
         figs["nuts"] = posterior_overlay_figure(diag.idata, _overlay_dims(diag))
     if diag.gap is not None:
-        figs["amortization"] = gap_figure(diag.gap.approximation_gap.cpu().numpy(), diag.gap.amortization_gap.cpu().numpy())
+        figs["amortization"] = gap_figure(
+            diag.gap.approximation_gap.cpu().numpy(), diag.gap.amortization_gap.cpu().numpy()
+        )
     return figs
 
 
@@ -172,7 +187,7 @@ def _img(png: bytes | None, alt: str) -> str:
 def _summary(r: dict[str, Any]) -> str:
     ll, el = r["log_likelihood"], r["elbo"]
     rows = [
-        ["log-likelihood, importance sampled (IWAE, K=%d)" % ll["samples"], ll["mean"], ll["se"]],
+        [f"log-likelihood, importance sampled (IWAE, K={ll['samples']})", ll["mean"], ll["se"]],
         ["ELBO (1 sample per datapoint)", el["mean"], el["se"]],
         ["IWAE − ELBO", r["bound_gap"], None],
         ["reconstruction error (SSE per datapoint)", r["reconstruction_error"], None],
@@ -191,7 +206,16 @@ def _decomposition(d: dict[str, Any]) -> str:
         ["KL − I − aggregate KL (surgery residual)", d["surgery_residual"]],
         ["active units", f"{d['active_units']} of {d['latent_dim']}"],
     ]
-    per = [[u, kl, v, "yes" if v > ACTIVE_THRESHOLD else "no"] for u, (kl, v) in enumerate(zip(d["kl_per_dim"] or [None] * d["latent_dim"], d["posterior_mean_variance"], strict=True))]
+    per = [
+        [u, kl, v, "yes" if v > ACTIVE_THRESHOLD else "no"]
+        for u, (kl, v) in enumerate(
+            zip(
+                d["kl_per_dim"] or [None] * d["latent_dim"],
+                d["posterior_mean_variance"],
+                strict=True,
+            )
+        )
+    ]
     return (
         _table(["term", "nats per datapoint"], rows)
         + f"<p>KL per dimension: {html.escape(d['kl_per_dim_method'])}.</p>"
@@ -203,7 +227,18 @@ def _nuts(n: dict[str, Any]) -> str:
     rows = []
     for i, p in enumerate(n["points"]):
         for u in range(len(n["nuts_mean"][i])):
-            rows.append([p, u, n["nuts_mean"][i][u], n["q_mean"][i][u], n["nuts_sd"][i][u], n["q_sd"][i][u], n["rhat"][i][u], n["ess_bulk"][i][u]])
+            rows.append(
+                [
+                    p,
+                    u,
+                    n["nuts_mean"][i][u],
+                    n["q_mean"][i][u],
+                    n["nuts_sd"][i][u],
+                    n["q_sd"][i][u],
+                    n["rhat"][i][u],
+                    n["ess_bulk"][i][u],
+                ]
+            )
     head = ["point", "dim", "NUTS mean", "q mean", "NUTS sd", "q sd", "R-hat", "ESS (bulk)"]
     intro = (
         f"<p>{n['chains']} chains ({n['chain_method']}), {n['warmup']} warm-up + {n['draws']} draws each; "
@@ -213,9 +248,15 @@ def _nuts(n: dict[str, Any]) -> str:
 
 
 def _amortization(a: dict[str, Any]) -> str:
-    rows = [[k.replace("_", " "), a[k], a.get(k + "_se")] for k in ("log_px", "elbo_qstar", "elbo_q", "approximation_gap", "amortization_gap")]
+    rows = [
+        [k.replace("_", " "), a[k], a.get(k + "_se")]
+        for k in ("log_px", "elbo_qstar", "elbo_q", "approximation_gap", "amortization_gap")
+    ]
     rows.append(["inference gap (total)", a["inference_gap"], None])
-    return f"<p>{a['points']} test points; q* = per-datapoint {a['family']} Gaussian, {a['steps']} Adam steps from the encoder's output.</p>" + _table(["quantity", "mean (nats)", "std. error"], rows)
+    return (
+        f"<p>{a['points']} test points; q* = per-datapoint {a['family']} Gaussian, {a['steps']} Adam steps from the encoder's output.</p>"
+        + _table(["quantity", "mean (nats)", "std. error"], rows)
+    )
 
 
 _EXPLAIN = {
@@ -230,28 +271,97 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
     """The report as one HTML string (figures embedded)."""
     r = diag.results
     figs = figures if figures is not None else make_figures(diag)
-    parts = [f"<h1>pyrovae diagnose: {html.escape(Path(r['run']).name)}</h1>", f"<p>Run folder <code>{html.escape(r['run'])}</code>, {r['points']} test datapoints.</p>"]
+    parts = [
+        f"<h1>pyrovae diagnose: {html.escape(Path(r['run']).name)}</h1>",
+        f"<p>Run folder <code>{html.escape(r['run'])}</code>, {r['points']} test datapoints.</p>",
+    ]
     if r["kind"] == "ae":
         parts += [
             "<h2>Autoencoder run</h2>",
             f"<p class='verdict'>{html.escape(r['not_applicable'])}</p>",
-            _table(["quantity", "value"], [["reconstruction error (SSE per datapoint)", r["reconstruction_error"]], ["codes used (variance > 0.01)", f"{r['codes_used']} of {r['latent_dim']}"]]),
+            _table(
+                ["quantity", "value"],
+                [
+                    ["reconstruction error (SSE per datapoint)", r["reconstruction_error"]],
+                    ["codes used (variance > 0.01)", f"{r['codes_used']} of {r['latent_dim']}"],
+                ],
+            ),
             _img(figs.get("code_usage"), "code usage"),
         ]
     else:
-        parts += [f"<p>Model: {html.escape(json.dumps(r['model']))}; binarize = {html.escape(str(r['binarize']))}. {html.escape(r['units'])}.</p>", "<h2>Summary</h2>", _summary(r), "<h2>Verdicts</h2>"]
-        parts += [f"<p class='verdict'><b>{html.escape(k)}</b>: {html.escape(v)}</p>" for k, v in r["verdicts"].items()]
-        sections = [("decomposition", "ELBO decomposition and latent usage", _decomposition(r["decomposition"]), "latent_usage")]
+        parts += [
+            f"<p>Model: {html.escape(json.dumps(r['model']))}; binarize = {html.escape(str(r['binarize']))}. {html.escape(r['units'])}.</p>",
+            "<h2>Summary</h2>",
+            _summary(r),
+            "<h2>Verdicts</h2>",
+        ]
+        parts += [
+            f"<p class='verdict'><b>{html.escape(k)}</b>: {html.escape(v)}</p>"
+            for k, v in r["verdicts"].items()
+        ]
+        sections = [
+            (
+                "decomposition",
+                "ELBO decomposition and latent usage",
+                _decomposition(r["decomposition"]),
+                "latent_usage",
+            )
+        ]
         p = r["psis"]
-        sections.append(("psis", "PSIS k-hat", _table(["samples per datapoint", "points", "k̂ < 0.5", "0.5 ≤ k̂ ≤ 0.7", "k̂ > 0.7", "median", "max"], [[p["samples"], p["n"], p["share_below_0.5"], p["share_0.5_to_0.7"], p["share_above_0.7"], p["median"], p["max"]]]), "psis"))
+        sections.append(
+            (
+                "psis",
+                "PSIS k-hat",
+                _table(
+                    [
+                        "samples per datapoint",
+                        "points",
+                        "k̂ < 0.5",
+                        "0.5 ≤ k̂ ≤ 0.7",
+                        "k̂ > 0.7",
+                        "median",
+                        "max",
+                    ],
+                    [
+                        [
+                            p["samples"],
+                            p["n"],
+                            p["share_below_0.5"],
+                            p["share_0.5_to_0.7"],
+                            p["share_above_0.7"],
+                            p["median"],
+                            p["max"],
+                        ]
+                    ],
+                ),
+                "psis",
+            )
+        )
         if "nuts" in r:
             sections.append(("nuts", "Gold standard: NUTS vs q(z|x)", _nuts(r["nuts"]), "nuts"))
         if "amortization" in r:
-            sections.append(("amortization", "Amortization and approximation gaps", _amortization(r["amortization"]), "amortization"))
+            sections.append(
+                (
+                    "amortization",
+                    "Amortization and approximation gaps",
+                    _amortization(r["amortization"]),
+                    "amortization",
+                )
+            )
         for key, title, body, fig in sections:
-            parts += [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(_EXPLAIN[key])}</p>", body, _img(figs.get(fig), title)]
-        parts.append("<h2>Timings</h2>" + _table(["step", "seconds"], [[k, v] for k, v in r["seconds"].items()], 1))
-    parts.append(f"<h2>All numbers (JSON)</h2><details><summary>show</summary><pre>{html.escape(json.dumps(r, indent=1))}</pre></details>")
+            parts += [
+                f"<h2>{html.escape(title)}</h2>",
+                f"<p>{html.escape(_EXPLAIN[key])}</p>",
+                body,
+                _img(figs.get(fig), title),
+            ]
+        parts.append(
+            "<h2>Timings</h2>"
+            + _table(["step", "seconds"], [[k, v] for k, v in r["seconds"].items()], 1)
+        )
+    parts.append(
+        f"<h2>All numbers (JSON)</h2><details><summary>show</summary><pre>{html.escape(json.dumps(r, indent=1))}</pre></details>"
+    )
     body = "\n".join(parts)
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>pyrovae diagnose</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
 

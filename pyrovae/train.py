@@ -34,10 +34,16 @@ from tqdm.auto import tqdm
 
 from pyrovae import evaluate
 from pyrovae.autoencoder import AutoEncoder
-from pyrovae.checkpoint import CHECKPOINT, atomic_write_json, load_checkpoint, save_checkpoint
+from pyrovae.checkpoint import (
+    CHECKPOINT,
+    atomic_write_json,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from pyrovae.config import Config, load_config
 from pyrovae.data import Dataset, load_data
-from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from pyrovae.model import VAE
 from pyrovae.objectives import kl_scale, make_elbo
 
@@ -60,22 +66,36 @@ class Run:
 
 def build_model(config: Config, data_shape: tuple[int, ...]) -> VAE | AutoEncoder:
     """The network the config describes, for data points of shape ``data_shape``."""
+    for block in ("encoder", "decoder"):
+        if getattr(config.model, block).kind == "conv" and len(data_shape) != 3:
+            raise ConfigError(
+                f'model.{block}.kind = "conv" needs image data: expected points of shape '
+                f"(C, H, W), got shape {tuple(data_shape)} (data.dataset={config.data.dataset!r}); "
+                'use kind = "mlp" for vector data'
+            )
     cls = VAE if config.model.kind == "vae" else AutoEncoder
     return cls(config.model, data_shape)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('train.device: "cuda" requested but no CUDA device is available; use "auto" or "cpu"')
+        raise ConfigError(
+            'train.device: "cuda" requested but no CUDA device is available; use "auto" or "cpu"'
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def check_data_for_model(model: VAE | AutoEncoder, data: Dataset, source: str) -> None:
-    """Validate every split against the likelihood's support once, before any training."""
-    if model.data_dim != data.dim:
-        raise DataError(f"{source}: data points have {data.dim} features (shape {data.shape}); the model expects {model.data_dim} (shape {model.data_shape})")
+    """Check the data's point shape against the model's, and every split against the
+    likelihood's support, once, before any training or evaluation."""
+    if tuple(model.data_shape) != tuple(data.shape):
+        raise DataError(
+            f"{source}: expected data points of shape {tuple(model.data_shape)} "
+            f"({model.data_dim} values), as the model was built for; got shape {tuple(data.shape)} "
+            f"({data.dim} values). Did the data file change since the model was trained?"
+        )
     splits = {"validation": data.x_val, "test": data.x_test}
     if data.binarize != "dynamic":  # dynamic batches are Bernoulli draws, in {0,1} by construction
         splits = {"training": data.x_train, **splits}
@@ -85,7 +105,10 @@ def check_data_for_model(model: VAE | AutoEncoder, data: Dataset, source: str) -
 
 # --------------------------------------------------------------------------------------- state
 def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(opt.state_dict())}
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(opt.state_dict()),
+    }
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -126,7 +149,14 @@ class _Stop:
 class Trainer:
     """Owns the optimizer, RNG, batching, checkpoints and metrics of one run folder."""
 
-    def __init__(self, config: Config, out_dir: Path, data: Dataset, model: VAE | AutoEncoder, progress: bool | None):
+    def __init__(
+        self,
+        config: Config,
+        out_dir: Path,
+        data: Dataset,
+        model: VAE | AutoEncoder,
+        progress: bool | None,
+    ):
         self.config, self.dir, self.data, self.model = config, out_dir, data, model
         t = config.train
         self.device = resolve_device(t.device)
@@ -144,7 +174,9 @@ class Trainer:
         self.is_vae = isinstance(model, VAE)
         if self.is_vae:
             self.elbo = make_elbo(t.objective, t.num_particles)
-            self.model.register_params = t.objective == "iwae"  # RenyiELBO backprops through param sites
+            self.model.register_params = (
+                t.objective == "iwae"
+            )  # RenyiELBO backprops through param sites
         self.stop = _Stop()
 
     # -- checkpoint ----------------------------------------------------------------------
@@ -171,15 +203,43 @@ class Trainer:
             raise TrainingError("refusing to write a checkpoint with non-finite parameters")
         save_checkpoint(self.dir / CHECKPOINT, self.state())
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.perm = state["perm"].to(self.device) if state["perm"] is not None else None
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        self.gen.set_state(state["batch_rng"].to(self.gen.get_state().device))
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from a checkpoint read by :func:`~pyrovae.checkpoint.load_checkpoint`.
+
+        Raises :class:`CheckpointError` (naming ``path``) if it does not fit this run: a different
+        network, optimizer or number of training points.
+        """
+        n_batches = math.ceil(self.n / self.config.train.batch_size)
+        perm, step = state["perm"], state["step_in_epoch"]
+        if perm is not None and (
+            perm.dtype != torch.int64
+            or perm.numel() != self.n
+            or not torch.equal(perm.sort().values, torch.arange(self.n))
+        ):
+            raise CheckpointError(
+                f"{path}: entry 'perm': expected a permutation of the {self.n} training points, got "
+                f"{perm.numel()} {perm.dtype} values (did the data change since the checkpoint?)"
+            )
+        if step > n_batches or (perm is None and step != 0):
+            raise CheckpointError(
+                f"{path}: entry 'step_in_epoch': expected 0..{n_batches} (with an epoch order), "
+                f"got {step}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            self.gen.set_state(state["batch_rng"].to(self.gen.get_state().device))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{path}: the stored parameters, optimizer or RNG state do not fit the model "
+                f"the stored config describes: {detail}"
+            ) from None
+        self.epoch, self.step_in_epoch = state["epoch"], step
+        self.perm = perm.to(self.device) if perm is not None else None
         self.lr, self.retries, self.history = state["lr"], state["retries"], list(state["history"])
         self._set_lr(self.lr)
 
@@ -201,7 +261,9 @@ class Trainer:
             return self.model.loss(x, self.gen if self.device.type == "cpu" else None)
         if self.config.train.objective == "iwae":
             # RenyiELBO has no differentiable_loss: it runs backward itself on the param sites
-            return torch.as_tensor(self.elbo.loss_and_grads(self.model.model, self.model.guide, x, self.n) / self.n)
+            return torch.as_tensor(
+                self.elbo.loss_and_grads(self.model.model, self.model.guide, x, self.n) / self.n
+            )
         return self.elbo.differentiable_loss(self.model.model, self.model.guide, x, self.n) / self.n
 
     def _step(self, x: torch.Tensor) -> float:
@@ -222,10 +284,17 @@ class Trainer:
         if self.perm is None:
             self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
         total, count = 0.0, 0
-        bar = tqdm(range(self.step_in_epoch, n_batches), desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, disable=None if self.progress is None else not self.progress)
+        bar = tqdm(
+            range(self.step_in_epoch, n_batches),
+            desc=f"epoch {self.epoch + 1}/{t.epochs}",
+            leave=False,
+            disable=None if self.progress is None else not self.progress,
+        )
         for s in bar:
             if self.is_vae:
-                self.model.kl_scale = kl_scale(t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches)
+                self.model.kl_scale = kl_scale(
+                    t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches
+                )
             value = self._step(self._batch(s))
             if not math.isfinite(value):
                 raise _NonFinite(self.epoch, s, value)
@@ -243,9 +312,15 @@ class Trainer:
         try:
             if self.is_vae:
                 self.model.kl_scale = 1.0
-                return float(evaluate.elbo(self.model.model, self.model.guide, self.x_val, batch_size=1024).mean())
+                return float(
+                    evaluate.elbo(
+                        self.model.model, self.model.guide, self.x_val, batch_size=1024
+                    ).mean()
+                )
             with torch.no_grad():
-                return sum(float(self.model.loss(xb)) * len(xb) for xb in self.x_val.split(1024)) / len(self.x_val)
+                return sum(
+                    float(self.model.loss(xb)) * len(xb) for xb in self.x_val.split(1024)
+                ) / len(self.x_val)
         finally:
             self.model.train()
 
@@ -255,7 +330,12 @@ class Trainer:
         with self.stop.installed():
             while self.epoch < t.epochs:
                 good = _snapshot(self.model, self.opt)
-                good_rng = (torch.get_rng_state(), self.gen.get_state(), self.perm, self.step_in_epoch)
+                good_rng = (
+                    torch.get_rng_state(),
+                    self.gen.get_state(),
+                    self.perm,
+                    self.step_in_epoch,
+                )
                 start = time.perf_counter()
                 try:
                     loss, finished = self._run_epoch()
@@ -263,6 +343,10 @@ class Trainer:
                     self._recover(e, good, good_rng)
                     continue
                 if not finished:
+                    if not _all_finite(
+                        self.model
+                    ):  # the last update went bad: keep the epoch start
+                        self._rollback(good, good_rng)
                     self.save()
                     return False
                 seconds = time.perf_counter() - start
@@ -284,25 +368,38 @@ class Trainer:
                     return False
         return True
 
-    def _recover(self, e: _NonFinite, good: dict, good_rng: tuple) -> None:
-        self.retries += 1
-        where = f"epoch {e.epoch + 1}" + (f", step {e.step + 1}" if e.step >= 0 else " (validation)")
-        if self.retries > self.config.train.max_retries:
-            raise TrainingError(
-                f"the loss became non-finite ({e.value}) at {where} and stayed so after "
-                f"{self.config.train.max_retries} retries (learning rate lowered to {self.lr:.3g}). "
-                f"The last good checkpoint is {self.dir / CHECKPOINT}. Try a smaller train.lr, "
-                "a different likelihood scale, or check the data."
-            )
+    def _rollback(self, good: dict, good_rng: tuple) -> None:
+        """Return to the in-memory snapshot taken at the start of the epoch."""
         self.model.load_state_dict(good["model"])
         self.opt.load_state_dict(good["optimizer"])
         rng, gen, perm, step = good_rng
         torch.set_rng_state(rng)
         self.gen.set_state(gen)
         self.perm, self.step_in_epoch = perm, step
+
+    def _recover(self, e: _NonFinite, good: dict, good_rng: tuple) -> None:
+        """Handle a non-finite loss: roll back, lower the learning rate, or give up."""
+        self.retries += 1
+        where = f"epoch {e.epoch + 1}" + (
+            f", step {e.step + 1}" if e.step >= 0 else " (validation)"
+        )
+        if self.retries > self.config.train.max_retries:
+            raise TrainingError(
+                f"the loss became non-finite ({e.value}) at {where} and stayed so after "
+                f"{self.config.train.max_retries} retries (learning rate lowered to {self.lr:.3g}). "
+                + (
+                    f"The last good checkpoint is {self.dir / CHECKPOINT}. "
+                    if (self.dir / CHECKPOINT).exists()
+                    else ""
+                )
+                + "Try a smaller train.lr, a different likelihood scale, or check the data."
+            )
+        self._rollback(good, good_rng)
         self.lr *= self.config.train.lr_backoff
         self._set_lr(self.lr)
-        tqdm.write(f"pyrovae: non-finite loss at {where}; restored the last good state, retrying with lr={self.lr:.3g} ({self.retries}/{self.config.train.max_retries})")
+        tqdm.write(
+            f"pyrovae: non-finite loss at {where}; restored the last good state, retrying with lr={self.lr:.3g} ({self.retries}/{self.config.train.max_retries})"
+        )
 
 
 class _NonFinite(Exception):
@@ -315,6 +412,33 @@ _UNITS = "nats per datapoint; *_elbo are ELBO estimates (1 sample per datapoint)
 
 
 # --------------------------------------------------------------------------------- public API
+def _stored_config(state: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint holds, validated; :class:`CheckpointError` naming ``path`` if not."""
+    try:
+        cfg = load_config(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{path}: the config stored in the checkpoint is invalid: {e}"
+        ) from None
+    if cfg.model.kind != state["kind"]:
+        raise CheckpointError(
+            f"{path}: entry 'kind' is {state['kind']!r} but the stored config says "
+            f"model.kind = {cfg.model.kind!r}; expected the same"
+        )
+    return cfg
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder ``path.mkdir(parents=True)`` would create (None if ``path`` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
+
+
 def fit(
     config: Config | dict | str | Path | None,
     out_dir: str | Path,
@@ -326,45 +450,86 @@ def fit(
     """Train the model a config describes and write the run folder ``out_dir``.
 
     Everything the user can get wrong (config, data files, data support, shapes) is checked
-    before ``out_dir`` is created, so a bad input leaves no folder behind. With ``resume=True``
-    the run continues from ``out_dir/checkpoint.pt`` (the stored config is used; its
-    ``train.epochs`` may be raised by the given config).
+    before ``out_dir`` is created, so a bad input leaves no folder behind (nor any parent folder
+    created for it). With ``resume=True`` the run continues from ``out_dir/checkpoint.pt`` (the
+    stored config is used; its ``train.epochs`` may be raised by the given config); if the run
+    was killed before its first checkpoint, it starts over from ``out_dir/config.toml``.
+    Temporary files a killed process left in ``out_dir`` are removed.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: expected a run folder, got an existing file")
+    ckpt = out / CHECKPOINT
     state = None
     if resume:
-        state = load_checkpoint(out / CHECKPOINT)
-        stored = load_config(state["config"])
+        if ckpt.exists():
+            state = load_checkpoint(ckpt)
+            stored = _stored_config(state, ckpt)
+        elif (out / CONFIG).is_file():  # killed before the first checkpoint: start over
+            stored = load_config(out / CONFIG)
+        else:
+            raise CheckpointError(
+                f"--resume: {out} holds no {CHECKPOINT} (nor {CONFIG}) to continue; expected a "
+                "run folder written by `pyrovae fit`. Start a new run with a CONFIG instead"
+            )
         if config is not None:
             new = load_config(config)
-            if new.model_dump(exclude={"train": {"epochs"}}) != stored.model_dump(exclude={"train": {"epochs"}}):
-                raise ConfigError(f"--resume: the config differs from the one stored in {out / CONFIG} (only train.epochs may change)")
+            same = {"train": {"epochs"}}
+            if new.model_dump(exclude=same) != stored.model_dump(exclude=same):
+                raise ConfigError(
+                    f"--resume: the config differs from the one stored in {out / CONFIG} "
+                    "(only train.epochs may change)"
+                )
+            if state is not None and new.train.epochs < state["epoch"]:
+                raise ConfigError(
+                    f"--resume: train.epochs must be at least the {state['epoch']} epochs already "
+                    f"completed in {ckpt}; got {new.train.epochs}"
+                )
             stored.train.epochs = new.train.epochs
         cfg = stored
     else:
         cfg = load_config(config)
-        if (out / CHECKPOINT).exists():
-            raise ConfigError(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another --out")
+        if ckpt.exists():
+            raise ConfigError(
+                f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                "choose another --out"
+            )
     pyro.set_rng_seed(cfg.train.seed)
     data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
+    if state is not None and tuple(state["data_shape"]) != tuple(data.shape):
+        raise DataError(
+            f"--resume: data.dataset={cfg.data.dataset!r}: expected data points of shape "
+            f"{tuple(state['data_shape'])}, as the model in {ckpt} was trained on; got shape "
+            f"{tuple(data.shape)}. Did the data file change since? Restore it or start a new run."
+        )
     model = build_model(cfg, data.shape)
     check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
     resolve_device(cfg.train.device)
 
-    created = not out.exists()
+    created = _first_missing_ancestor(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
     trainer = Trainer(cfg, out, data, model, progress)
     try:
         if state is not None:
-            trainer.restore(state)
+            trainer.restore(state, ckpt)
         else:
             cfg.save(out / CONFIG)
         finished = trainer.train()
     except BaseException:
-        if created and not (out / CHECKPOINT).exists():
-            shutil.rmtree(out, ignore_errors=True)  # nothing resumable was written: leave nothing
+        if created is not None and not ckpt.exists():
+            shutil.rmtree(
+                created, ignore_errors=True
+            )  # nothing resumable was written: leave nothing
         raise
-    run = Run(dir=out, config=cfg, model=model, history=trainer.history, data=data, interrupted=not finished)
+    run = Run(
+        dir=out,
+        config=cfg,
+        model=model,
+        history=trainer.history,
+        data=data,
+        interrupted=not finished,
+    )
     if finished:
         run.metrics = final_metrics(run)
         atomic_write_json(out / METRICS, run.metrics)
@@ -389,27 +554,45 @@ def final_metrics(run: Run) -> dict[str, Any]:
     out["binarize"] = run.config.data.binarize
     if isinstance(model, VAE):
         model.kl_scale = 1.0
-        out["test_elbo"] = float(evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean())
+        out["test_elbo"] = float(
+            evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean()
+        )
     else:
         out["test_elbo"] = None
         with torch.no_grad():
-            out["test_loss"] = sum(float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)) / len(x_test)
+            out["test_loss"] = sum(
+                float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)
+            ) / len(x_test)
     model.train()
     return out
 
 
 def load_run(run_dir: str | Path, data: bool = False) -> Run:
-    """Load a run folder (checkpoint read with ``weights_only=True``: no code is executed)."""
+    """Load a run folder (checkpoint read with ``weights_only=True``: no code is executed).
+
+    With ``data=True`` the dataset of the stored config is loaded too and checked against the
+    model (point shape, likelihood support). Every problem is a :class:`CheckpointError` or a
+    :class:`DataError` naming the file.
+    """
     d = Path(run_dir)
     if not d.is_dir():
         raise CheckpointError(f"run folder not found: {d}")
-    state = load_checkpoint(d / CHECKPOINT)
-    cfg = load_config(state["config"])
-    model = build_model(cfg, tuple(state["data_shape"]))
+    path = d / CHECKPOINT
+    state = load_checkpoint(path)
+    cfg = _stored_config(state, path)
+    shape = tuple(state["data_shape"])
+    try:
+        model = build_model(cfg, shape)
+    except PyroVAEError as e:
+        raise CheckpointError(
+            f"{path}: the stored config cannot build a model for data of shape {shape}: {e}"
+        ) from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{d / CHECKPOINT}: parameters do not match the stored config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{path}: parameters do not match the stored config: {str(e).strip().splitlines()[0]}"
+        ) from None
     model.eval()
     metrics: dict[str, Any] = {}
     if (d / METRICS).is_file():
@@ -419,5 +602,10 @@ def load_run(run_dir: str | Path, data: bool = False) -> Run:
             metrics = json.loads((d / METRICS).read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{d / METRICS}: not valid JSON ({e})") from None
-    ds = load_data(cfg.data, seed=cfg.train.seed) if data else None
-    return Run(dir=d, config=cfg, model=model, history=list(state["history"]), metrics=metrics, data=ds)
+    ds = None
+    if data:
+        ds = load_data(cfg.data, seed=cfg.train.seed)
+        check_data_for_model(model, ds, f"data.dataset={cfg.data.dataset!r} (the run {d})")
+    return Run(
+        dir=d, config=cfg, model=model, history=list(state["history"]), metrics=metrics, data=ds
+    )

@@ -219,7 +219,7 @@ class SVIRun:
 def optimize_linear_guide(
     ppca: PPCA,
     x: Tensor,
-    steps: int = 1500,
+    steps: int = 600,
     lr: float = 0.05,
     num_particles: int = 8,
     seed: int = 0,
@@ -309,7 +309,7 @@ def vi_identity_lesson(
     sigma: float = 0.5,
     n_data: int = 200,
     n_q: int = 100,
-    steps: int = 1500,
+    steps: int = 600,
     seed: int = 0,
 ) -> VIIdentityResult:
     """Compute every number of lesson 6.
