@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     print("largest principal angle between decoder subspace and PCA's top-k subspace:")
     print(f"  tied:   {r.tied_max_angle_deg:.2e} degrees")
     print(f"  untied: {r.untied_max_angle_deg:.2e} degrees")
-    ok = max(r.tied_max_angle_deg, r.untied_max_angle_deg) < 1.0 and max(
-        abs(r.tied_rel_error), abs(r.untied_rel_error)
-    ) < 0.01
+    ok = (
+        max(r.tied_max_angle_deg, r.untied_max_angle_deg) < 1.0
+        and max(abs(r.tied_rel_error), abs(r.untied_rel_error)) < 0.01
+    )
     print(f"claim (angle < 1 degree, error within 1% of PCA): {'holds' if ok else 'FAILS'}")
     path = plot_linear_ae(r, args.out / "lesson1_linear_ae_pca.png")
     print(f"figure: {path}")

@@ -1,6 +1,6 @@
 """Lesson 4: information, entropy and the KL divergence, with worked examples.
 
-    python examples/lesson4_information_kl.py [--out out/lesson4]
+python examples/lesson4_information_kl.py [--out out/lesson4]
 """
 
 from __future__ import annotations
@@ -23,20 +23,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"p = {r.p}, q = {r.q}")
     print(
         "information -log p_i: "
-        + ", ".join(f"{n:.4f} nats = {b:.4f} bits" for n, b in zip(r.information_p_nats, r.information_p_bits, strict=True))
+        + ", ".join(
+            f"{n:.4f} nats = {b:.4f} bits"
+            for n, b in zip(r.information_p_nats, r.information_p_bits, strict=True)
+        )
     )
-    print(f"entropy H(p) = {r.entropy_p_nats:.4f} nats = {r.entropy_p_bits:.4f} bits; H(q) = {r.entropy_q_bits:.4f} bits")
-    print(f"KL(p||q) = {r.kl_pq_nats:.6f} nats = {r.kl_pq_bits:.6f} bits  (torch: {r.kl_pq_torch:.6f} nats)")
+    print(
+        f"entropy H(p) = {r.entropy_p_nats:.4f} nats = {r.entropy_p_bits:.4f} bits; H(q) = {r.entropy_q_bits:.4f} bits"
+    )
+    print(
+        f"KL(p||q) = {r.kl_pq_nats:.6f} nats = {r.kl_pq_bits:.6f} bits  (torch: {r.kl_pq_torch:.6f} nats)"
+    )
     print(f"KL(q||p) = {r.kl_qp_nats:.6f} nats = {r.kl_qp_bits:.6f} bits  -> KL is not symmetric")
     print(f"three outcomes p = {r.p3}, q = {r.q3}:")
-    print(f"  KL(p||q) = {r.kl3_pq_nats:.6f} nats (torch {r.kl3_pq_torch:.6f}), KL(q||p) = {r.kl3_qp_nats:.6f} nats")
+    print(
+        f"  KL(p||q) = {r.kl3_pq_nats:.6f} nats (torch {r.kl3_pq_torch:.6f}), KL(q||p) = {r.kl3_qp_nats:.6f} nats"
+    )
     g = r.gibbs
     print(
         f"Gibbs' inequality on {g.n_pairs} random pairs ({g.n_outcomes} outcomes): min KL = {g.min_kl:.2e} >= 0, "
         f"{g.n_negative} negative; max |ours - torch| = {g.max_abs_diff_torch:.1e}; mean |KL(p||q) - KL(q||p)| = {g.mean_abs_asymmetry:.3f}"
     )
     m1, s1, m2, s2 = r.gauss_params
-    print(f"KL(N({m1},{s1}^2) || N({m2},{s2}^2)) = {r.gauss_kl:.6f} nats (torch {r.gauss_kl_torch:.6f})")
+    print(
+        f"KL(N({m1},{s1}^2) || N({m2},{s2}^2)) = {r.gauss_kl:.6f} nats (torch {r.gauss_kl_torch:.6f})"
+    )
     print(f"diagonal 3-d Gaussian KL = {r.diag_kl:.6f} nats (torch {r.diag_kl_torch:.6f})")
     mc = r.mc
     z = np.abs(mc.estimates - mc.exact) / mc.stderrs

@@ -59,7 +59,7 @@ class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # pyro.set_rng_seed's range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)
@@ -165,6 +165,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare string such as model.prior.kind=mixture
+    except RecursionError:
+        raise ConfigError(
+            f"--set {key}: the value is nested too deeply to be a config value"
+        ) from None
     return key.split("."), value
 
 
@@ -203,6 +207,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a config: arrays or tables nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
 
 
 def load_config(

@@ -233,7 +233,7 @@ class Trainer:
                 torch.cuda.set_rng_state(state["cuda_rng"])
             self.gen.set_state(state["batch_rng"].to(self.gen.get_state().device))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            detail = _first_lines(e)
             raise CheckpointError(
                 f"{path}: the stored parameters, optimizer or RNG state do not fit the model "
                 f"the stored config describes: {detail}"
@@ -412,6 +412,12 @@ _UNITS = "nats per datapoint; *_elbo are ELBO estimates (1 sample per datapoint)
 
 
 # --------------------------------------------------------------------------------- public API
+def _first_lines(e: BaseException, n: int = 2, limit: int = 300) -> str:
+    """The first ``n`` non-empty lines of an exception's message, on one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:n]
+    return (" ".join(lines) or type(e).__name__)[:limit]
+
+
 def _stored_config(state: dict[str, Any], path: Path) -> Config:
     """The config a checkpoint holds, validated; :class:`CheckpointError` naming ``path`` if not."""
     try:
@@ -591,7 +597,7 @@ def load_run(run_dir: str | Path, data: bool = False) -> Run:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(
-            f"{path}: parameters do not match the stored config: {str(e).strip().splitlines()[0]}"
+            f"{path}: parameters do not match the stored config: {_first_lines(e)}"
         ) from None
     model.eval()
     metrics: dict[str, Any] = {}

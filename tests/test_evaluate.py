@@ -38,7 +38,9 @@ def test_exact_posterior_guide_gives_log_marginal(ppca, x):
     lp = ppca.log_marginal(x)
     guide = P.exact_guide(ppca)
     assert torch.allclose(elbo(ppca.model, guide, x, num_particles=3), lp, atol=1e-4, rtol=0)
-    assert torch.allclose(log_likelihood(ppca.model, guide, x, num_samples=50), lp, atol=1e-4, rtol=0)
+    assert torch.allclose(
+        log_likelihood(ppca.model, guide, x, num_samples=50), lp, atol=1e-4, rtol=0
+    )
     assert elbo(ppca.model, guide, x).dtype == torch.float64
 
 
@@ -106,16 +108,25 @@ def test_evaluate_run_adds_iwae_log_likelihood(digits_run):
     assert "log_likelihood" not in plain and plain["test_elbo"] is not None
     m = evaluate_run(run, iwae_samples=100)
     assert m["log_likelihood_samples"] == 100 and m["log_likelihood_split"] == "test"
-    assert m["log_likelihood"] > m["test_elbo"] - 1.0  # IWAE-100 is a tighter bound than a 1-sample ELBO
+    assert (
+        m["log_likelihood"] > m["test_elbo"] - 1.0
+    )  # IWAE-100 is a tighter bound than a 1-sample ELBO
     assert 0 < m["log_likelihood_se"] < 10
-    assert "nats per datapoint" in m["log_likelihood_note"] and "binarize" in m["log_likelihood_note"]
+    assert (
+        "nats per datapoint" in m["log_likelihood_note"] and "binarize" in m["log_likelihood_note"]
+    )
     assert run.model.kl_scale == 1.0 and run.model.register_params
 
 
 def test_evaluate_run_on_an_autoencoder(tmp_path):
     import pyrovae
 
-    run = pyrovae.fit(tiny_config(model={"kind": "ae"}, train={"epochs": 1}), tmp_path / "ae", progress=False, figures=False)
+    run = pyrovae.fit(
+        tiny_config(model={"kind": "ae"}, train={"epochs": 1}),
+        tmp_path / "ae",
+        progress=False,
+        figures=False,
+    )
     m = evaluate_run(run, iwae_samples=10)
     assert m["log_likelihood"] is None and "autoencoder" in m["log_likelihood_note"]
     with pytest.raises(pyrovae.PyroVAEError, match="iwae-samples"):

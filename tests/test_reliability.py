@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import pickle
 import random
 import select
@@ -80,7 +79,11 @@ class ForkServer:
     def __init__(self, logs: Path) -> None:
         self.logs, self.n, self.buf = logs, 0, b""
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=ENV
+            [sys.executable, "-c", _SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            env=ENV,
         )
 
     def _line(self, timeout: float) -> int:
@@ -101,6 +104,7 @@ class ForkServer:
         """Fork a child running the CLI with ``argv``; return its pid."""
         self.n += 1
         self.out, self.err = self.logs / f"{self.n}.out", self.logs / f"{self.n}.err"
+        self.out.touch(), self.err.touch()  # the child may be killed before it opens them
         req = {"argv": [str(a) for a in argv], "stdout": str(self.out), "stderr": str(self.err)}
         self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
@@ -183,7 +187,11 @@ def _rand(n: int = 40, d: int = 4) -> np.ndarray:
 def _nan_npy(tmp_path):
     x = _rand()
     x[5, 2] = np.nan
-    return _npy(tmp_path, "nan.npy", x), "normal", ["nan.npy", "expected finite values", "NaN/inf", "(5, 2)"]
+    return (
+        _npy(tmp_path, "nan.npy", x),
+        "normal",
+        ["nan.npy", "expected finite values", "NaN/inf", "(5, 2)"],
+    )
 
 
 def _inf_npz(tmp_path):
@@ -193,26 +201,47 @@ def _inf_npz(tmp_path):
 
 
 def _grey_bernoulli(tmp_path):
-    hints = ["grey.npy", "bernoulli likelihood needs values in {0, 1}", "binarize", "continuous_bernoulli"]
+    hints = [
+        "grey.npy",
+        "bernoulli likelihood needs values in {0, 1}",
+        "binarize",
+        "continuous_bernoulli",
+    ]
     return _npy(tmp_path, "grey.npy", _rand()), "bernoulli", hints
 
 
 def _negative_poisson(tmp_path):
     x = np.random.default_rng(0).integers(0, 5, (40, 4)).astype(np.int64)
     x[3, 1] = -2
-    return _npy(tmp_path, "neg.npy", x), "poisson", ["neg.npy", "non-negative integer counts", "-2", "(3, 1)"]
+    return (
+        _npy(tmp_path, "neg.npy", x),
+        "poisson",
+        ["neg.npy", "non-negative integer counts", "e.g. -2 at index"],
+    )
 
 
 def _fractional_poisson(tmp_path):
-    return _npy(tmp_path, "frac.npy", _rand() * 5), "poisson", ["frac.npy", "non-negative integer counts"]
+    return (
+        _npy(tmp_path, "frac.npy", _rand() * 5),
+        "poisson",
+        ["frac.npy", "non-negative integer counts"],
+    )
 
 
 def _empty_npy(tmp_path):
-    return _npy(tmp_path, "empty.npy", np.zeros((0, 4), np.float32)), "normal", ["empty.npy", "at least one", "(0, 4)"]
+    return (
+        _npy(tmp_path, "empty.npy", np.zeros((0, 4), np.float32)),
+        "normal",
+        ["empty.npy", "at least one", "(0, 4)"],
+    )
 
 
 def _empty_npz(tmp_path):
-    return _npy(tmp_path, "empty.npz", np.zeros((5, 0), np.float32)), "normal", ["empty.npz", "at least one", "(5, 0)"]
+    return (
+        _npy(tmp_path, "empty.npz", np.zeros((5, 0), np.float32)),
+        "normal",
+        ["empty.npz", "at least one", "(5, 0)"],
+    )
 
 
 def _one_point(tmp_path):
@@ -227,11 +256,23 @@ def _float32_overflow(tmp_path):
 
 @pytest.mark.parametrize(
     "make",
-    [_nan_npy, _inf_npz, _grey_bernoulli, _negative_poisson, _fractional_poisson, _empty_npy, _empty_npz, _one_point, _float32_overflow],
+    [
+        _nan_npy,
+        _inf_npz,
+        _grey_bernoulli,
+        _negative_poisson,
+        _fractional_poisson,
+        _empty_npy,
+        _empty_npz,
+        _one_point,
+        _float32_overflow,
+    ],
 )
 def test_bad_data_is_a_clear_error_and_leaves_no_folder(server, tmp_path, make):
     dataset, likelihood, needles = make(tmp_path)
-    cfg = write_config(tmp_path / "c.toml", data={"dataset": dataset}, model={"likelihood": {"kind": likelihood}})
+    cfg = write_config(
+        tmp_path / "c.toml", data={"dataset": dataset}, model={"likelihood": {"kind": likelihood}}
+    )
     out = tmp_path / "new" / "nested" / "run"  # parents created for it must go too
     assert_user_error(server.run("fit", cfg, "--out", out), *needles)
     assert not (tmp_path / "new").exists()
@@ -241,7 +282,12 @@ def _idx_folder(folder: Path) -> Path:
     """A tiny valid MNIST-layout folder: 12 train / 5 test images of 4x4."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for stem, shape in (("train-images-idx3-ubyte", (12, 4, 4)), ("train-labels-idx1-ubyte", (12,)), ("t10k-images-idx3-ubyte", (5, 4, 4)), ("t10k-labels-idx1-ubyte", (5,))):
+    for stem, shape in (
+        ("train-images-idx3-ubyte", (12, 4, 4)),
+        ("train-labels-idx1-ubyte", (12,)),
+        ("t10k-images-idx3-ubyte", (5, 4, 4)),
+        ("t10k-labels-idx1-ubyte", (5,)),
+    ):
         arr = rng.integers(0, 10 if len(shape) == 1 else 256, shape, dtype=np.uint8)
         head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in shape)
         (folder / stem).write_bytes(head + arr.tobytes())
@@ -251,10 +297,27 @@ def _idx_folder(folder: Path) -> Path:
 @pytest.mark.parametrize(
     "damage,needles",
     [
-        ("missing", ["missing IDX file t10k-labels-idx1-ubyte", "expected the four files", "found"]),
-        ("truncated", ["train-images-idx3-ubyte", "truncated IDX file", "expected 208 bytes", "got 150 bytes"]),
-        ("too_long", ["t10k-images-idx3-ubyte", "too long IDX file", "expected 96 bytes", "got 97 bytes"]),
-        ("bad_magic", ["train-labels-idx1-ubyte", "bad IDX magic number", "expected 2049", "got 2051"]),
+        (
+            "missing",
+            ["missing IDX file t10k-labels-idx1-ubyte", "expected the four files", "found"],
+        ),
+        (
+            "truncated",
+            [
+                "train-images-idx3-ubyte",
+                "truncated IDX file",
+                "expected 208 bytes",
+                "got 150 bytes",
+            ],
+        ),
+        (
+            "too_long",
+            ["t10k-images-idx3-ubyte", "too long IDX file", "expected 96 bytes", "got 97 bytes"],
+        ),
+        (
+            "bad_magic",
+            ["train-labels-idx1-ubyte", "bad IDX magic number", "expected 2049", "got 2051"],
+        ),
         ("no_folder", ["data.root", "does not exist"]),
         ("empty_folder", ["no IDX files found", "found nothing"]),
     ],
@@ -277,7 +340,9 @@ def test_bad_idx_files_are_a_clear_error(server, tmp_path, damage, needles):
     else:
         root = tmp_path / "empty"
         root.mkdir()
-    cfg = write_config(tmp_path / "c.toml", data={"dataset": "mnist", "root": str(root), "limit": 0})
+    cfg = write_config(
+        tmp_path / "c.toml", data={"dataset": "mnist", "root": str(root), "limit": 0}
+    )
     out = tmp_path / "run"
     assert_user_error(server.run("fit", cfg, "--out", out), *needles)
     assert not out.exists()
@@ -286,7 +351,11 @@ def test_bad_idx_files_are_a_clear_error(server, tmp_path, damage, needles):
 def test_valid_tiny_idx_folder_trains(server, tmp_path):
     """The IDX fixture above is valid, so the errors really come from the damage."""
     root = _idx_folder(tmp_path / "mnist")
-    cfg = write_config(tmp_path / "c.toml", data={"dataset": "mnist", "root": str(root), "limit": 0}, train={"epochs": 1})
+    cfg = write_config(
+        tmp_path / "c.toml",
+        data={"dataset": "mnist", "root": str(root), "limit": 0},
+        train={"epochs": 1},
+    )
     res = server.run("fit", cfg, "--out", tmp_path / "run")
     assert res.rc == 0, res.stderr
     assert pyrovae.load_run(tmp_path / "run").model.data_shape == (1, 4, 4)
@@ -297,7 +366,7 @@ def test_valid_tiny_idx_folder_trains(server, tmp_path):
     [
         (["model.prior.kind=gauss"], ["model.prior", "'gauss'", "normal", "mixture", "vamp"]),
         (["model.encoder={hidden=[8]}"], ["model.encoder", "missing 'kind'", "mlp, linear, conv"]),
-        (["train.epochs=\"many\""], ["train.epochs", "valid integer", "'many'"]),
+        (['train.epochs="many"'], ["train.epochs", "valid integer", "'many'"]),
         (["train.epochs=2.5"], ["train.epochs", "2.5"]),
         (["train.epochs=-3"], ["train.epochs", "greater than or equal to 1", "got -3"]),
         (["model.latent_dim=0"], ["model.latent_dim", "greater than or equal to 1", "got 0"]),
@@ -306,11 +375,14 @@ def test_valid_tiny_idx_folder_trains(server, tmp_path):
         (["train.lr=inf"], ["train.lr", "expected a finite number", "got inf"]),
         (["train.batch_size=0"], ["train.batch_size", "greater than or equal to 1"]),
         (["data.val_fraction=0.7"], ["data.val_fraction", "less than 0.5", "0.7"]),
-        (["model.likelihood={kind=\"normal\", scale=-1}"], ["model.likelihood.scale", "-1"]),
-        (["train.device=\"tpu\""], ["train.device", "'auto', 'cpu' or 'cuda'", "'tpu'"]),
+        (['model.likelihood={kind="normal", scale=-1}'], ["model.likelihood.scale", "-1"]),
+        (['train.device="tpu"'], ["train.device", "'auto', 'cpu' or 'cuda'", "'tpu'"]),
         (["train.epochs"], ["--set expects KEY=VALUE"]),
-        (["data.dataset=\"data.csv\""], ["data.dataset", "data.csv"]),
-        (["model.encoder={kind=\"conv\"}", "model.decoder={kind=\"conv\"}", "data.dataset=\"VEC\""], ["model.encoder.kind", "(C, H, W)", "got shape (4,)"]),
+        (['data.dataset="data.csv"'], ["data.dataset", "data.csv"]),
+        (
+            ['model.encoder={kind="conv"}', 'model.decoder={kind="conv"}', 'data.dataset="VEC"'],
+            ["model.encoder.kind", "(C, H, W)", "got shape (4,)"],
+        ),
     ],
 )
 def test_bad_config_values_exit_2(server, tmp_path, sets, needles):
@@ -337,7 +409,9 @@ def test_out_is_a_file_or_resume_from_nothing(server, tmp_path):
     afile.write_text("keep me")
     assert_user_error(server.run("fit", cfg, "--out", afile), "afile", "expected a run folder")
     assert afile.read_text() == "keep me"
-    assert_user_error(server.run("fit", "--out", tmp_path / "none", "--resume"), "none", "no checkpoint.pt")
+    assert_user_error(
+        server.run("fit", "--out", tmp_path / "none", "--resume"), "none", "no checkpoint.pt"
+    )
     assert not (tmp_path / "none").exists()
 
 
@@ -347,7 +421,12 @@ def vector_run(server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vector")
     data = tmp / "x.npy"
     np.save(data, _rand())
-    cfg = write_config(tmp / "c.toml", data={"dataset": str(data)}, model={"likelihood": {"kind": "normal"}}, train={"epochs": 1})
+    cfg = write_config(
+        tmp / "c.toml",
+        data={"dataset": str(data)},
+        model={"likelihood": {"kind": "normal"}},
+        train={"epochs": 1},
+    )
     res = server.run("fit", cfg, "--out", tmp / "run")
     assert res.rc == 0, res.stderr
     return tmp / "run", data
@@ -358,9 +437,16 @@ def test_data_changed_shape_after_training(server, vector_run):
     run, data = vector_run
     np.save(data, _rand(40, 6))
     try:
-        assert_user_error(server.run("evaluate", run), "x.npy", "expected data points of shape (4,)", "got shape (6,)")
+        assert_user_error(
+            server.run("evaluate", run),
+            "x.npy",
+            "expected data points of shape (4,)",
+            "got shape (6,)",
+        )
         res = server.run("fit", "--out", run, "--resume", "--set", "train.epochs=2")
-        assert_user_error(res, "--resume", "x.npy", "expected data points of shape (4,)", "got shape (6,)")
+        assert_user_error(
+            res, "--resume", "x.npy", "expected data points of shape (4,)", "got shape (6,)"
+        )
         assert len(load_checkpoint(run / CHECKPOINT)["history"]) == 1  # the run is untouched
     finally:
         np.save(data, _rand())
@@ -389,5 +475,410 @@ def test_resume_cannot_go_below_completed_epochs(server, tmp_path):
 def test_resume_with_a_changed_config_is_refused(server, tmp_path):
     cfg = write_config(tmp_path / "c.toml", train={"epochs": 1})
     assert server.run("fit", cfg, "--out", tmp_path / "run").rc == 0
-    res = server.run("fit", cfg, "--out", tmp_path / "run", "--resume", "--set", "model.latent_dim=3")
+    res = server.run(
+        "fit", cfg, "--out", tmp_path / "run", "--resume", "--set", "model.latent_dim=3"
+    )
     assert_user_error(res, "--resume", "config differs", "only train.epochs may change")
+
+
+# =============================================================================================
+# Faults during training
+# =============================================================================================
+def _wait_for(cond, timeout: float, poll: float = 0.0005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def test_loss_that_stays_infinite_stops_with_a_clear_error(server, tmp_path):
+    """Finite data whose Gaussian log-density overflows: retries with lower lr, then exit 2."""
+    x = _rand()
+    x[:, 0] = 1e30  # finite in float32, but (x - mu)^2 overflows
+    cfg = write_config(
+        tmp_path / "c.toml",
+        data={"dataset": _npy(tmp_path, "big.npy", x)},
+        model={"likelihood": {"kind": "normal"}},
+        train={"max_retries": 2},
+    )
+    res = server.run("fit", cfg, "--out", tmp_path / "run")
+    assert res.rc == 2 and "Traceback" not in res.stderr, res.stderr
+    assert (
+        "pyrovae: error: the loss became non-finite" in res.stderr
+        and "after 2 retries" in res.stderr
+    )
+    assert "learning rate lowered to 0.00025" in res.stderr
+    assert res.stdout.count("restored the last good state") == 2
+    assert not (tmp_path / "run").exists()  # no checkpoint was ever good: nothing left
+
+
+def test_stop_after_a_bad_update_saves_the_last_good_state(tmp_path, monkeypatch):
+    """A signal right after an update that made the parameters NaN (with a finite loss): the
+    checkpoint holds the epoch's starting state, never the NaN parameters."""
+    from pyrovae import train as train_mod
+
+    orig = train_mod.Trainer._step
+    calls = {"n": 0}
+
+    def step(self, x):
+        calls["n"] += 1
+        value = orig(self, x)
+        if calls["n"] == 6:  # epoch 2, second step
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+            self.stop.requested = signal.SIGTERM
+        return value
+
+    monkeypatch.setattr(train_mod.Trainer, "_step", step)
+    run = pyrovae.fit(tiny_config(), tmp_path / "r", progress=False, figures=False)
+    assert run.interrupted
+    state = load_checkpoint(tmp_path / "r" / CHECKPOINT)  # refuses NaN parameters, so: finite
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0
+    monkeypatch.setattr(train_mod.Trainer, "_step", orig)
+    resumed = pyrovae.fit(None, tmp_path / "r", resume=True, progress=False, figures=False)
+    full = pyrovae.fit(tiny_config(), tmp_path / "full", progress=False, figures=False)
+    assert_same_params(resumed.model, full.model)
+
+
+def test_save_refuses_nonfinite_parameters(tmp_path):
+    from pyrovae.train import Trainer, build_model
+
+    cfg = load_config(tiny_config())
+    data = pyrovae.load_data(cfg.data)
+    trainer = Trainer(cfg, tmp_path, data, build_model(cfg, data.shape), progress=False)
+    with torch.no_grad():
+        next(trainer.model.parameters())[0] = float("inf")
+    with pytest.raises(pyrovae.TrainingError, match="non-finite parameters"):
+        trainer.save()
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def _kill_config(path: Path, epochs: int) -> Path:
+    """Tiny digits, 4 steps per epoch; 256-unit layers make each checkpoint ~2 MB, so writing
+    it takes long enough for kills to land inside the write."""
+    net = {"kind": "mlp", "hidden": [256, 256]}
+    return write_config(
+        path,
+        data={"limit": 128},
+        model={"encoder": net, "decoder": net},
+        train={"epochs": epochs, "batch_size": 32},
+    )
+
+
+def test_sigkill_at_random_moments_never_breaks_the_run(server, tmp_path):
+    """SIGKILL a training process 20 times (at random moments, and right inside checkpoint
+    writes); after every kill the checkpoint loads and progress never goes back; the run then
+    resumes to the end with parameters and metrics identical to an uninterrupted run."""
+    cfg = _kill_config(tmp_path / "c.toml", epochs=100_000)
+    out = tmp_path / "run"
+    rng = random.Random(6)
+    seen = {"mid_write": 0, "no_checkpoint_yet": 0, "checkpoint": 0}
+    last = 0
+    for i in range(20):
+        fresh = not (out / "config.toml").exists()
+        pid = server.start(
+            *(("fit", cfg, "--out", out) if fresh else ("fit", "--out", out, "--resume"))
+        )
+        if i % 2:  # aim at a checkpoint write: kill as soon as its temporary file appears
+            _wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")), timeout=20)
+        else:
+            time.sleep(rng.uniform(0.0, 0.6))
+        os.kill(pid, signal.SIGKILL)
+        res = server.wait()
+        assert res.rc == -signal.SIGKILL, res.stderr
+        seen["mid_write"] += any(out.glob(".checkpoint.pt.*.tmp"))
+        if (out / CHECKPOINT).exists():
+            seen["checkpoint"] += 1
+            run = pyrovae.load_run(out)  # never fails
+            assert len(run.history) >= last  # resumed from the last complete epoch, not earlier
+            last = len(run.history)
+        else:
+            seen["no_checkpoint_yet"] += 1
+    print("SIGKILL outcomes:", seen)
+    assert seen["mid_write"] >= 1, seen
+    assert last >= 1, seen
+
+    final = last + 2
+    res = server.run("fit", "--out", out, "--resume", "--set", f"train.epochs={final}")
+    assert res.rc == 0, res.stderr
+    assert not list(out.glob(".*.tmp"))  # what the kills left behind was cleaned up
+    ref = server.run(
+        "fit", _kill_config(tmp_path / "ref.toml", epochs=final), "--out", tmp_path / "ref"
+    )
+    assert ref.rc == 0, ref.stderr
+    assert_same_params(pyrovae.load_run(out).model, pyrovae.load_run(tmp_path / "ref").model)
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert strip_times(got["history"]) == strip_times(want["history"])
+    assert got["test_elbo"] == want["test_elbo"]
+
+
+def test_cli_same_config_and_seed_give_identical_metrics(server, tmp_path):
+    cfg = write_config(tmp_path / "c.toml")
+    for name in ("a", "b"):
+        assert server.run("fit", cfg, "--out", tmp_path / name).rc == 0
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    timing = {"history", "train_seconds"}
+    assert strip_times(a["history"]) == strip_times(b["history"])
+    assert {k: v for k, v in a.items() if k not in timing} == {
+        k: v for k, v in b.items() if k not in timing
+    }
+
+
+@pytest.mark.parametrize("how", ["SIGTERM-python-m", "SIGINT-forked"])
+def test_signal_writes_a_checkpoint_exits_130_and_resume_continues(server, tmp_path, how):
+    """SIGTERM to a real ``python -m pyrovae.cli fit`` process / SIGINT (Ctrl-C) to a forked
+    one, mid-training: a checkpoint is written (mid-epoch if need be), the exit status is 130,
+    and ``--resume`` ends with parameters identical to an uninterrupted run."""
+    cfg = _kill_config(tmp_path / "c.toml", epochs=100_000)
+    out = tmp_path / "run"
+    if how.endswith("python-m"):
+        cmd = [sys.executable, "-m", "pyrovae.cli", "fit", str(cfg), "--out", str(out)]
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert _wait_for(lambda: (out / CHECKPOINT).exists(), timeout=120, poll=0.01)
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        rc = proc.returncode
+    else:
+        pid = server.start("fit", cfg, "--out", out)
+        assert _wait_for(lambda: (out / CHECKPOINT).exists(), timeout=120, poll=0.01)
+        time.sleep(0.17)
+        os.kill(pid, signal.SIGINT)
+        res = server.wait()
+        rc, stderr = res.rc, res.stderr
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr
+    assert "pyrovae: interrupted; checkpoint written to" in stderr
+    assert f"pyrovae fit --out {out} --resume" in stderr
+    state = load_checkpoint(out / CHECKPOINT)
+    pyrovae.load_run(out)
+    final = state["epoch"] + 2
+    res = server.run("fit", "--out", out, "--resume", "--set", f"train.epochs={final}")
+    assert res.rc == 0, res.stderr
+    ref_cfg = _kill_config(tmp_path / "ref.toml", epochs=final)
+    assert server.run("fit", ref_cfg, "--out", tmp_path / "ref").rc == 0
+    assert_same_params(pyrovae.load_run(out).model, pyrovae.load_run(tmp_path / "ref").model)
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint_starts_over(server, tmp_path):
+    """A folder holding only config.toml (killed during epoch 1): --resume starts from scratch."""
+    cfg = write_config(tmp_path / "c.toml", train={"epochs": 1})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text(cfg.read_text())
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    res = server.run("fit", "--out", out, "--resume")
+    assert res.rc == 0, res.stderr
+    assert len(pyrovae.load_run(out).history) == 1
+    assert not (out / ".checkpoint.pt.abc123.tmp").exists()
+
+
+# =============================================================================================
+# Untrusted files
+# =============================================================================================
+class _ShellPayload:
+    """Unpickling this runs ``touch MARKER`` through the shell."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _OpenPayload:
+    """Unpickling this calls ``open(MARKER, "w")``, which creates the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for name in ("config.toml", CHECKPOINT, "metrics.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def _rewrite(run: Path, edit) -> Path:
+    """Load the run's checkpoint, apply ``edit(state)``, save it back (as pyrovae would)."""
+    state = load_checkpoint(run / CHECKPOINT)
+    edit(state)
+    state.pop("format_version", None)
+    save_checkpoint(run / CHECKPOINT, state)
+    return run / CHECKPOINT
+
+
+@pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload])
+@pytest.mark.parametrize("how", ["inside_a_checkpoint", "bare_pickle"])
+def test_crafted_pickle_checkpoint_is_refused_without_running_code(
+    digits_run, tmp_path, payload, how
+):
+    run = _copy_run(digits_run.dir, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    if how == "inside_a_checkpoint":
+        state = torch.load(run / CHECKPOINT, weights_only=True)
+        state["history"] = payload(marker)
+        torch.save(state, run / CHECKPOINT)
+    else:
+        (run / CHECKPOINT).write_bytes(pickle.dumps(payload(marker)))
+    # the payload is live: an unsafe load would create the file
+    try:
+        torch.load(run / CHECKPOINT, weights_only=False)
+    except RuntimeError:  # a bare pickle: torch unpickles it first, then finds no magic number
+        pass
+    assert marker.exists()
+    marker.unlink()
+
+    for load in (pyrovae.load_run, lambda d: pyrovae.fit(None, d, resume=True, progress=False)):
+        with pytest.raises(CheckpointError) as e:
+            load(run)
+        assert str(run / CHECKPOINT) in str(e.value) and "refused to load" in str(e.value)
+        assert "weights_only" in str(e.value)
+    assert not marker.exists()
+
+
+def test_crafted_pickle_checkpoint_via_cli(server, digits_run, tmp_path):
+    run = _copy_run(digits_run.dir, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    (run / CHECKPOINT).write_bytes(pickle.dumps(_ShellPayload(marker)))
+    for argv in (
+        ["evaluate", run],
+        ["sample", run, "--out", tmp_path / "s.png"],
+        ["fit", "--out", run, "--resume"],
+    ):
+        assert_user_error(server.run(*argv), str(run / CHECKPOINT), "refused to load")
+    assert not marker.exists() and not (tmp_path / "s.png").exists()
+
+
+def _truncate(run: Path, keep: float) -> None:
+    raw = (run / CHECKPOINT).read_bytes()
+    (run / CHECKPOINT).write_bytes(raw[: int(len(raw) * keep)])
+
+
+def _flip_header(run: Path) -> None:
+    raw = bytearray((run / CHECKPOINT).read_bytes())
+    raw[:16] = b"\x00" * 16
+    (run / CHECKPOINT).write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage,needles",
+    [
+        (lambda r: _truncate(r, 0.0), ["refused to load", "truncated or corrupt"]),
+        (lambda r: _truncate(r, 0.5), ["refused to load", "truncated or corrupt"]),
+        (lambda r: _truncate(r, 0.999), ["refused to load"]),
+        (_flip_header, ["refused to load"]),
+        (lambda r: (r / CHECKPOINT).write_text("just text"), ["refused to load"]),
+        (lambda r: torch.save({**load_checkpoint(r / CHECKPOINT), "format_version": 99}, r / CHECKPOINT), ["expected format_version 1, got 99"]),
+        (lambda r: torch.save({"model": {}}, r / CHECKPOINT), ["expected format_version 1, got None"]),
+        (lambda r: torch.save([1, 2], r / CHECKPOINT), ["expected format_version 1, got 'list'"]),
+        (lambda r: _rewrite(r, lambda s: s["config"]["model"].__setitem__("latent_dim", 3)), ["parameters do not match the stored config", "size mismatch"]),
+        (lambda r: _rewrite(r, lambda s: s["config"]["model"]["encoder"].__setitem__("hidden", [16, 16])), ["parameters do not match the stored config"]),
+        (lambda r: _rewrite(r, lambda s: s.__setitem__("data_shape", [1, 8, 9])), ["parameters do not match the stored config"]),
+        (lambda r: _rewrite(r, lambda s: s.__setitem__("data_shape", [0])), ["entry 'data_shape'", "positive integers", "got [0]"]),
+        (lambda r: _rewrite(r, lambda s: s.pop("history")), ["incomplete checkpoint", "missing history"]),
+        (lambda r: _rewrite(r, lambda s: s.__setitem__("epoch", "3")), ["entry 'epoch'", "expected an integer >= 0", "got '3'"]),
+        (lambda r: _rewrite(r, lambda s: s["config"]["train"].__setitem__("lr", -1)), ["config stored in the checkpoint is invalid", "train.lr"]),
+        (lambda r: _rewrite(r, lambda s: s.__setitem__("kind", "ae")), ["entry 'kind' is 'ae'", "model.kind = 'vae'"]),
+        (lambda r: _rewrite(r, lambda s: next(iter(s["model"].values())).fill_(float("nan"))), ["holds NaN/inf values"]),
+        (lambda r: ((r / CHECKPOINT).unlink(), (r / CHECKPOINT).mkdir()), ["expected a checkpoint file"]),
+        (lambda r: (r / CHECKPOINT).unlink(), ["checkpoint not found"]),
+        (lambda r: (r / "metrics.json").write_text("{not json"), ["metrics.json: not valid JSON"]),
+    ],
+    ids=[
+        "empty", "half", "last-byte-missing", "zeroed-header", "text", "format-99", "no-format",
+        "not-a-dict", "latent-dim-changed", "hidden-changed", "data-shape-changed", "data-shape-zero",
+        "missing-entry", "wrong-type", "invalid-config", "kind-mismatch", "nan-parameter",
+        "is-a-folder", "missing", "metrics-json-corrupt",
+    ],
+)  # fmt: skip
+def test_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(
+    digits_run, tmp_path, damage, needles
+):
+    run = _copy_run(digits_run.dir, tmp_path / "run")
+    damage(run)
+    with pytest.raises(CheckpointError) as e:
+        pyrovae.load_run(run)
+    msg = str(e.value)
+    assert str(run) in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+@pytest.mark.parametrize(
+    "edit,needles",
+    [
+        (
+            lambda s: s.__setitem__("perm", torch.arange(7)),
+            ["entry 'perm'", "permutation of the", "training points", "got 7"],
+        ),
+        (lambda s: s.__setitem__("perm", torch.zeros(205, dtype=torch.int64)), ["entry 'perm'"]),
+        (lambda s: s.__setitem__("step_in_epoch", 3), ["entry 'step_in_epoch'", "got 3"]),
+        (lambda s: s.__setitem__("torch_rng", torch.zeros(3, dtype=torch.uint8)), ["do not fit"]),
+        (lambda s: s["optimizer"].__setitem__("param_groups", []), ["do not fit"]),
+    ],
+    ids=["perm-too-short", "perm-not-a-permutation", "step-without-perm", "rng-state", "optimizer"],
+)
+def test_damaged_training_state_is_refused_on_resume(digits_run, tmp_path, edit, needles):
+    run = _copy_run(digits_run.dir, tmp_path / "run")
+    _rewrite(run, edit)
+    with pytest.raises(CheckpointError) as e:
+        pyrovae.fit(None, run, resume=True, progress=False, figures=False)
+    assert str(run / CHECKPOINT) in str(e.value)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_config_is_data_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('os').system('touch {marker}')"
+    (tmp_path / "c.toml").write_text(f'[data]\ndataset = "{code}"\n')
+    cfg = load_config(tmp_path / "c.toml", [f'data.root="{code}"'])
+    assert cfg.data.dataset == code and cfg.data.root == code  # plain strings
+    with pytest.raises(DataError, match="no such file or folder"):
+        pyrovae.load_data(cfg.data)
+    with pytest.raises(ConfigError, match="model.prior"):
+        load_config(None, [f"model.prior.kind={code}"])
+    assert not marker.exists()
+
+
+def test_fit_writes_only_inside_its_run_folder(tmp_path, monkeypatch):
+    """No config value is an output path: a run writes config.toml, checkpoint.pt, metrics.json
+    and figures/*.png (fixed names) inside --out, and nothing else around it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    pyrovae.fit(tiny_config(train={"epochs": 1}), work / "runs" / "r", progress=False)
+    files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    figures = ["latent_scatter.png", "loss_curves.png", "reconstructions.png", "samples.png"]
+    want = [
+        "runs/r/checkpoint.pt",
+        "runs/r/config.toml",
+        *(f"runs/r/figures/{f}" for f in figures),
+        "runs/r/metrics.json",
+    ]
+    assert files == sorted(want)
+
+
+def test_sample_out_is_the_users_explicit_path(server, digits_run, tmp_path):
+    out = tmp_path / "deep" / "er" / "s.npy"  # missing folders are created, as for .png
+    res = server.run("sample", digits_run.dir, "-n", "3", "--out", out)
+    assert res.rc == 0, res.stderr
+    assert np.load(out).shape == (3, 1, 8, 8)
+    assert_user_error(
+        server.run("sample", digits_run.dir, "-n", "0", "--out", out),
+        "-n must be at least 1; got 0",
+    )

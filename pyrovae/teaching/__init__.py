@@ -4,11 +4,11 @@ Each lesson module has functions returning a small result dataclass with the les
 and a ``plot_*`` function drawing its figure. ``examples/lessonN_*.py`` print the numbers and
 write the figure; ``tests/test_teaching_*.py`` assert the claims; ``docs/lessons/`` derive them.
 
-* :mod:`pyrovae.teaching.linear_ae` — lesson 1, a linear autoencoder learns PCA's subspace.
-* :mod:`pyrovae.teaching.information` — lesson 4, information, entropy and KL divergence.
-* :mod:`pyrovae.teaching.ppca` — probabilistic PCA in closed form, as a Pyro model with guides
+* [`pyrovae.teaching.linear_ae`][pyrovae.teaching.linear_ae] — lesson 1, a linear autoencoder learns PCA's subspace.
+* [`pyrovae.teaching.information`][pyrovae.teaching.information] — lesson 4, information, entropy and KL divergence.
+* [`pyrovae.teaching.ppca`][pyrovae.teaching.ppca] — probabilistic PCA in closed form, as a Pyro model with guides
   (also the exact test bed for ELBO/KL/log-likelihood estimators).
-* :mod:`pyrovae.teaching.vi_identity` — lesson 6, log p(x) = ELBO(q) + KL(q ‖ p(z|x)).
+* [`pyrovae.teaching.vi_identity`][pyrovae.teaching.vi_identity] — lesson 6, log p(x) = ELBO(q) + KL(q ‖ p(z|x)).
 """
 
 from pyrovae.teaching.information import information_lesson, plot_information

@@ -139,7 +139,7 @@ def gaussian_kl(
 
 
 def diag_gaussian_kl(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
-    r"""KL between diagonal Gaussians: the sum over coordinates of :func:`gaussian_kl`,
+    r"""KL between diagonal Gaussians: the sum over coordinates of [`gaussian_kl`][pyrovae.teaching.information.gaussian_kl],
 
     $\mathrm{KL} = \sum_{i=1}^{d} \Big[\log\frac{\sigma_{2,i}}{\sigma_{1,i}}
     + \frac{\sigma_{1,i}^2 + (\mu_{1,i}-\mu_{2,i})^2}{2\sigma_{2,i}^2} - \frac12\Big]$.
@@ -180,7 +180,9 @@ def mc_gaussian_kl(
     """
     if n < 2:
         raise ConfigError(f"n: expected >= 2 samples, got {n}")
-    mu1, s1, mu2, s2 = (torch.atleast_1d(torch.as_tensor(v, dtype=_DT)) for v in (mu1, sigma1, mu2, sigma2))
+    mu1, s1, mu2, s2 = (
+        torch.atleast_1d(torch.as_tensor(v, dtype=_DT)) for v in (mu1, sigma1, mu2, sigma2)
+    )
     if (s1 <= 0).any() or (s2 <= 0).any():
         raise ConfigError("sigma1, sigma2: standard deviations must be > 0")
     p1 = Independent(Normal(mu1, s1), 1)
@@ -212,7 +214,7 @@ class GibbsCheck:
 def gibbs_check(n_pairs: int = 10_000, n_outcomes: int = 5, seed: int = 0) -> GibbsCheck:
     r"""Check Gibbs' inequality $\mathrm{KL}(p\|q) \ge 0$ on random pairs $p, q \sim \mathrm{Dir}(\mathbf 1)$.
 
-    Also cross-checks :func:`kl_discrete` against
+    Also cross-checks [`kl_discrete`][pyrovae.teaching.information.kl_discrete] against
     ``torch.distributions.kl_divergence(Categorical(p), Categorical(q))``.
 
     Args:
@@ -286,7 +288,11 @@ def mc_convergence(
     if repeats < 1:
         raise ConfigError(f"repeats: expected >= 1, got {repeats}")
     gen = torch.Generator().manual_seed(seed)
-    exact = float(diag_gaussian_kl(*(torch.atleast_1d(torch.as_tensor(v, dtype=_DT)) for v in (mu1, sigma1, mu2, sigma2))))
+    exact = float(
+        diag_gaussian_kl(
+            *(torch.atleast_1d(torch.as_tensor(v, dtype=_DT)) for v in (mu1, sigma1, mu2, sigma2))
+        )
+    )
     ns_arr = np.asarray(ns, dtype=np.int64)
     est, se, rms = [], [], []
     for n in ns_arr:
@@ -388,12 +394,16 @@ def information_lesson(seed: int = 0, mc_repeats: int = 20) -> InformationResult
         kl_qp_nats=float(kl_discrete(q, p)),
         kl_pq_bits=float(kl_discrete(p, q, base=2)),
         kl_qp_bits=float(kl_discrete(q, p, base=2)),
-        kl_pq_torch=float(kl_divergence(cat(torch.tensor(p, dtype=_DT)), cat(torch.tensor(q, dtype=_DT)))),
+        kl_pq_torch=float(
+            kl_divergence(cat(torch.tensor(p, dtype=_DT)), cat(torch.tensor(q, dtype=_DT)))
+        ),
         p3=p3,
         q3=q3,
         kl3_pq_nats=float(kl_discrete(p3, q3)),
         kl3_qp_nats=float(kl_discrete(q3, p3)),
-        kl3_pq_torch=float(kl_divergence(cat(torch.tensor(p3, dtype=_DT)), cat(torch.tensor(q3, dtype=_DT)))),
+        kl3_pq_torch=float(
+            kl_divergence(cat(torch.tensor(p3, dtype=_DT)), cat(torch.tensor(q3, dtype=_DT)))
+        ),
         gibbs=gibbs_check(seed=seed),
         gauss_params=(mu1, s1, mu2, s2),
         gauss_kl=float(gaussian_kl(mu1, s1, mu2, s2)),
@@ -418,7 +428,7 @@ def plot_information(result: InformationResult, path: str | Path) -> Path:
     (c) its RMS error against $n$ (log–log) with the predicted $\\mathrm{sd}/\\sqrt n$.
 
     Args:
-        result: output of :func:`information_lesson`.
+        result: output of [`information_lesson`][pyrovae.teaching.information.information_lesson].
         path: where to write the image.
     """
     from matplotlib.figure import Figure
@@ -449,7 +459,13 @@ def plot_information(result: InformationResult, path: str | Path) -> Path:
 
     mc = result.mc
     ax2.axhline(mc.exact, color="k", lw=1, label="closed form")
-    ax2.fill_between(mc.ns, mc.estimates - 2 * mc.stderrs, mc.estimates + 2 * mc.stderrs, alpha=0.3, label="±2 s.e.")
+    ax2.fill_between(
+        mc.ns,
+        mc.estimates - 2 * mc.stderrs,
+        mc.estimates + 2 * mc.stderrs,
+        alpha=0.3,
+        label="±2 s.e.",
+    )
     ax2.plot(mc.ns, mc.estimates, "o-", ms=3, label="MC estimate")
     ax2.set_xscale("log")
     ax2.set_xlabel("samples n")

@@ -38,6 +38,7 @@ from pyrovae.errors import ConfigError, DataError
 
 __all__ = [
     "LinearAEResult",
+    "PCAFit",
     "TiedLinearAE",
     "UntiedLinearAE",
     "fit_full_batch",
@@ -278,13 +279,15 @@ def principal_angles(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> np.ndarr
 
 
 def _principal_angles_svd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """SVD fallback for :func:`principal_angles` (degrees, descending)."""
+    """SVD fallback for [`principal_angles`][pyrovae.teaching.linear_ae.principal_angles] (degrees, descending)."""
     qa, qb = _orth(a), _orth(b)
     if qa.shape[1] < qb.shape[1]:
         qa, qb = qb, qa
     cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
     sin = np.linalg.svd(qb - qa @ (qa.T @ qb), compute_uv=False)[::-1]
-    angles = np.where(cos**2 < 0.5, np.arccos(np.clip(cos, -1.0, 1.0)), np.arcsin(np.clip(sin, 0, 1)))
+    angles = np.where(
+        cos**2 < 0.5, np.arccos(np.clip(cos, -1.0, 1.0)), np.arcsin(np.clip(sin, 0, 1))
+    )
     return np.degrees(np.sort(angles)[::-1])
 
 
@@ -396,7 +399,7 @@ def plot_linear_ae(result: LinearAEResult, path: str | Path) -> Path:
     Right: rows = original, PCA, tied AE, untied AE.
 
     Args:
-        result: output of :func:`linear_ae_lesson`.
+        result: output of [`linear_ae_lesson`][pyrovae.teaching.linear_ae.linear_ae_lesson].
         path: where to write the image (PNG/SVG by suffix).
 
     Returns:

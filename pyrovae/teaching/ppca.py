@@ -96,7 +96,9 @@ class PPCA:
         if self.W.ndim != 2:
             raise ConfigError(f"W: expected a [D, k] matrix, got shape {tuple(self.W.shape)}")
         if self.mu.shape != (self.W.shape[0],):
-            raise ConfigError(f"mu: expected shape ({self.W.shape[0]},), got {tuple(self.mu.shape)}")
+            raise ConfigError(
+                f"mu: expected shape ({self.W.shape[0]},), got {tuple(self.mu.shape)}"
+            )
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError(f"sigma: expected a finite value > 0, got {self.sigma}")
         if not (torch.isfinite(self.W).all() and torch.isfinite(self.mu).all()):
@@ -262,7 +264,7 @@ def exact_guide(ppca: PPCA) -> Guide:
 def gaussian_guide(A: Tensor, b: Tensor, scale_tril: Tensor) -> Guide:
     r"""Linear-Gaussian amortized guide $q(z\mid x) = \mathcal N(x A + b,\; L L^\top)$.
 
-    The exact pPCA posterior is in this family (see :meth:`PPCA.amortized_posterior`).
+    The exact pPCA posterior is in this family (see [`PPCA.amortized_posterior`][pyrovae.teaching.ppca.PPCA.amortized_posterior]).
 
     Args:
         A: ``[D, k]`` encoder matrix.
@@ -272,7 +274,9 @@ def gaussian_guide(A: Tensor, b: Tensor, scale_tril: Tensor) -> Guide:
     A = torch.as_tensor(A, dtype=DTYPE)
     b = torch.as_tensor(b, dtype=DTYPE)
     if A.ndim != 2 or b.shape != (A.shape[1],):
-        raise ConfigError(f"A, b: expected [D, k] and [k], got {tuple(A.shape)} and {tuple(b.shape)}")
+        raise ConfigError(
+            f"A, b: expected [D, k] and [k], got {tuple(A.shape)} and {tuple(b.shape)}"
+        )
     L = _lower_cholesky("scale_tril", scale_tril, A.shape[1])
 
     def guide(x: Tensor) -> None:
@@ -363,8 +367,8 @@ def perturbed_posterior(
 def perturbed_guide(ppca: PPCA, shift: float | Tensor = 0.0, scale_factor: float = 1.0) -> Guide:
     r"""Guide $q(z\mid x) = \mathcal N(m_{\text{exact}}(x) + \delta,\; c^2 \Sigma_{\text{exact}})$.
 
-    Its $\mathrm{KL}(q\|p(z\mid x))$ is known exactly (:func:`exact_kl_to_posterior` with
-    :func:`perturbed_posterior`), so estimators of the ELBO, of the gap or of PSIS $\hat k$ can
+    Its $\mathrm{KL}(q\|p(z\mid x))$ is known exactly ([`exact_kl_to_posterior`][pyrovae.teaching.ppca.exact_kl_to_posterior] with
+    [`perturbed_posterior`][pyrovae.teaching.ppca.perturbed_posterior]), so estimators of the ELBO, of the gap or of PSIS $\hat k$ can
     be tested at a controlled distance from the truth.
 
     Args:
@@ -499,7 +503,9 @@ def elbo_terms(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> ELBOTerm
     s2, D, k = ppca.sigma**2, ppca.D, ppca.k
     resid = x - ppca.mu - m @ ppca.W.T
     tr_wws = torch.einsum("ij,...ji->...", ppca.W.T @ ppca.W, S)
-    expected_loglik = -0.5 * D * math.log(2 * math.pi * s2) - (resid.pow(2).sum(-1) + tr_wws) / (2 * s2)
+    expected_loglik = -0.5 * D * math.log(2 * math.pi * s2) - (resid.pow(2).sum(-1) + tr_wws) / (
+        2 * s2
+    )
     trace_s = S.diagonal(dim1=-2, dim2=-1).sum(-1)
     expected_logprior = -0.5 * k * math.log(2 * math.pi) - 0.5 * (m.pow(2).sum(-1) + trace_s)
     return ELBOTerms(
@@ -512,7 +518,7 @@ def elbo_terms(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> ELBOTerm
 def elbo_closed_form(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> Tensor:
     r"""Analytic $\mathrm{ELBO}(q) = \mathbb E_q[\log p(x\mid z)] + \mathbb E_q[\log p(z)] + H[q]$, ``[N]``.
 
-    See :func:`elbo_terms`. For every Gaussian $q$:
+    See [`elbo_terms`][pyrovae.teaching.ppca.elbo_terms]. For every Gaussian $q$:
     $\log p(x) = \mathrm{ELBO}(q) + \mathrm{KL}(q\|p(z\mid x))$.
 
     Args:

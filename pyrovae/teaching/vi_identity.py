@@ -8,7 +8,7 @@ $$\log p(x) = \underbrace{\mathbb E_{q}\Big[\log \frac{p(x, z)}{q(z)}\Big]}_{\ma
 (write $p(x, z) = p(z\mid x)\,p(x)$ inside the first expectation). Because $\log p(x)$ does not
 depend on $q$, **maximising the ELBO over $q$ is the same as minimising
 $\mathrm{KL}(q\,\|\,p(z\mid x))$**, and the ELBO equals $\log p(x)$ exactly when $q$ is the
-posterior. On pPCA all three terms are closed-form (:mod:`pyrovae.teaching.ppca`), so the
+posterior. On pPCA all three terms are closed-form ([`pyrovae.teaching.ppca`][pyrovae.teaching.ppca]), so the
 identity can be verified to machine precision and SVI can be watched driving the KL to 0.
 
 References:
@@ -107,7 +107,7 @@ def identity_check(ppca: PPCA, x: Tensor, n_q: int = 100, seed: int = 0) -> Iden
     Args:
         ppca: the model.
         x: ``[N, D]`` data.
-        n_q: number of random q (see :func:`random_gaussian_q`).
+        n_q: number of random q (see [`random_gaussian_q`][pyrovae.teaching.vi_identity.random_gaussian_q]).
         seed: seed of a private generator.
     """
     if n_q < 1:
@@ -152,7 +152,9 @@ def mc_elbo(
         ``(mean ELBO per datapoint, standard error)``.
     """
     if num_particles < 1 or repeats < 2:
-        raise ConfigError(f"num_particles >= 1 and repeats >= 2 required, got {num_particles}, {repeats}")
+        raise ConfigError(
+            f"num_particles >= 1 and repeats >= 2 required, got {num_particles}, {repeats}"
+        )
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     n = x.shape[0]
     with torch.random.fork_rng(devices=[]):
@@ -191,29 +193,37 @@ def exact_guide_trace_elbo_gap(ppca: PPCA, x: Tensor) -> float:
     log_px = ppca.log_marginal(x)
     guide = exact_guide(ppca)
     elbo = Trace_ELBO(num_particles=1, max_plate_nesting=1)
-    losses = torch.tensor([elbo.loss(ppca.model, guide, x[i : i + 1]) for i in range(x.shape[0])], dtype=DTYPE)
+    losses = torch.tensor(
+        [elbo.loss(ppca.model, guide, x[i : i + 1]) for i in range(x.shape[0])], dtype=DTYPE
+    )
     return float((losses + log_px).abs().max())
 
 
 @dataclass(frozen=True)
 class SVIRun:
-    """Per-step trace of SVI on the linear-Gaussian amortized guide (nats per datapoint)."""
+    """Per-step trace of SVI on the linear-Gaussian amortized guide (nats per datapoint).
+
+    Entry ``t`` of each per-step array is evaluated at the parameters that step ``t`` used
+    (before its update), so the Monte Carlo and closed-form values are comparable.
+    """
 
     elbo_mc: np.ndarray
-    """``-loss / N`` returned by ``svi.step`` (a 1-sample-batch Monte Carlo ELBO)."""
+    """``-loss / N`` returned by ``svi.step`` (a Monte Carlo ELBO estimate)."""
     elbo_exact: np.ndarray
-    """Closed-form mean ELBO of the guide after each step."""
+    """Closed-form mean ELBO of the guide at each step."""
     kl_exact: np.ndarray
-    """Mean exact KL(q(z|x) ‖ p(z|x)) after each step."""
+    """Mean exact KL(q(z|x) ‖ p(z|x)) at each step."""
     log_px: float
     """Mean log p(x) (the ceiling of the ELBO)."""
-    kl_initial: float
-    """Mean KL before the first step."""
+    elbo_final: float
+    """Closed-form mean ELBO after the last update."""
+    kl_final: float
+    """Mean exact KL after the last update."""
 
     @property
-    def kl_final(self) -> float:
-        """Mean KL after the last step."""
-        return float(self.kl_exact[-1])
+    def kl_initial(self) -> float:
+        """Mean KL before the first update."""
+        return float(self.kl_exact[0])
 
 
 def optimize_linear_guide(
@@ -261,19 +271,20 @@ def optimize_linear_guide(
     with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         guide(x)  # register the params at their initial values
-        kl_initial = current()[1]
         svi = SVI(ppca.model, guide, optim, loss)
         for _ in range(steps):
-            elbo_mc.append(-svi.step(x) / n)
             e, kl = current()
             elbo_exact.append(e)
             kl_exact.append(kl)
+            elbo_mc.append(-svi.step(x) / n)
+        elbo_final, kl_final = current()
     return SVIRun(
         elbo_mc=np.array(elbo_mc),
         elbo_exact=np.array(elbo_exact),
         kl_exact=np.array(kl_exact),
         log_px=log_px,
-        kl_initial=kl_initial,
+        elbo_final=elbo_final,
+        kl_final=kl_final,
     )
 
 
@@ -335,7 +346,9 @@ def vi_identity_lesson(
     num_particles, repeats = 32, 20
     for i, (mean, cov) in enumerate(qs):
         closed.append(float(elbo_closed_form(mean, cov, ppca, x).mean()))
-        m, s = mc_elbo(ppca, fixed_gaussian_guide(mean, cov), x, num_particles, repeats, seed=seed + i)
+        m, s = mc_elbo(
+            ppca, fixed_gaussian_guide(mean, cov), x, num_particles, repeats, seed=seed + i
+        )
         mcs.append(m)
         ses.append(s)
     return VIIdentityResult(
@@ -366,7 +379,7 @@ def plot_vi_identity(result: VIIdentityResult, path: str | Path) -> Path:
     $\mathrm{ELBO} + \mathrm{KL} = \log p(x)$.
 
     Args:
-        result: output of :func:`vi_identity_lesson`.
+        result: output of [`vi_identity_lesson`][pyrovae.teaching.vi_identity.vi_identity_lesson].
         path: where to write the image.
     """
     from matplotlib.figure import Figure
@@ -377,7 +390,14 @@ def plot_vi_identity(result: VIIdentityResult, path: str | Path) -> Path:
     steps = np.arange(1, len(run.kl_exact) + 1)
     fig = Figure(figsize=(11, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(steps, run.elbo_mc, color="tab:blue", lw=0.8, alpha=0.6, label="ELBO, Monte Carlo (svi.step)")
+    ax1.plot(
+        steps,
+        run.elbo_mc,
+        color="tab:blue",
+        lw=0.8,
+        alpha=0.6,
+        label="ELBO, Monte Carlo (svi.step)",
+    )
     ax1.plot(steps, run.elbo_exact, color="tab:orange", ls="--", lw=1.2, label="ELBO, closed form")
     ax1.axhline(run.log_px, color="k", ls=":", lw=1, label=r"$\log p(x)$")
     span = run.log_px - min(run.elbo_exact.min(), run.elbo_mc.min())

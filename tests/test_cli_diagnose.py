@@ -1,0 +1,116 @@
+"""End to end: ``pyrovae diagnose`` on tiny digits runs (VAE and AE), JSON and HTML report."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from pyrovae.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one thread avoids OpenMP contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    import pyrovae
+
+    out = tmp_path_factory.mktemp("runs") / "ae"
+    return pyrovae.fit(
+        tiny_config(model={"kind": "ae"}, train={"epochs": 1}), out, progress=False, figures=False
+    )
+
+
+def test_diagnose_vae_json_and_report_with_defaults(digits_run, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    assert main(["diagnose", str(digits_run.dir), "--json", "--report", str(report)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "vae" and r["split"] == "test" and r["points"] == 64
+    ll, d = r["log_likelihood"], r["decomposition"]
+    assert ll["samples"] == 1000 and ll["se"] > 0 and ll["mean"] >= r["elbo"]["mean"] - 0.5
+    assert d["mutual_information"] <= d["log_n"] + 1e-9 and 0 <= d["active_units"] <= 2
+    assert len(d["kl_per_dim"]) == 2 and d["kl_method"].startswith("analytic")
+    assert (
+        r["nuts"]["chains"] == 4 and len(r["nuts"]["points"]) == 4 and r["nuts"]["max_rhat"] < 1.2
+    )
+    assert r["amortization"]["points"] == 50
+    assert set(r["verdicts"]) == {"collapse", "psis", "bound", "nuts", "amortization"}
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert (
+        len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page))
+        == 4
+    )
+    assert not re.search(r'(src|href)="https?:', page)  # self-contained: opens from disk
+    assert f"{ll['mean']:.3f}" in page and f"{d['kl']:.3f}" in page
+    assert "ELBO decomposition" in page and "NUTS" in page and "amortization gap" in page
+
+
+def test_diagnose_text_output_and_skips(digits_run, capsys):
+    args = [
+        "diagnose",
+        str(digits_run.dir),
+        "--points",
+        "0",
+        "--gap-points",
+        "0",
+        "--iwae-samples",
+        "50",
+        "--khat-samples",
+        "50",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "log-likelihood (IWAE K=50)" in out and "active units" in out and "- collapse:" in out
+    assert "NUTS" not in out and "gaps:" not in out
+
+
+def test_diagnose_autoencoder(ae_run, tmp_path, capsys):
+    report = tmp_path / "ae.html"
+    assert main(["diagnose", str(ae_run.dir), "--json", "--report", str(report)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "ae" and len(r["code_variance"]) == 2 and r["reconstruction_error"] > 0
+    assert "not defined" in r["not_applicable"] and "log_likelihood" not in r
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 1 and "no prior p(z)" in page
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--iwae-samples", "0"], "--iwae-samples must be at least 1"),
+        (["--report", "report.txt"], "expected a file name ending in .html"),
+    ],
+)
+def test_diagnose_rejects_bad_options(digits_run, capsys, extra, message):
+    assert main(["diagnose", str(digits_run.dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyrovae: error:") and message in err
+
+
+def test_diagnose_missing_run_folder(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_console_script_lists_diagnose():
+    exe = Path(sys.executable).with_name("pyrovae")
+    if not exe.exists():
+        pytest.skip("pyrovae console script not installed in this environment")
+    out = subprocess.run(
+        [str(exe), "diagnose", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "--iwae-samples" in out.stdout and "--report" in out.stdout
