@@ -42,7 +42,9 @@ def nll(run: pyrovae.Run, x: torch.Tensor, k: int) -> tuple[float, float]:
 
 
 def train_one(name: str, args: argparse.Namespace) -> dict:
-    cfg = pyrovae.load_config(ROOT / "examples" / "configs" / f"mnist_{name}.toml", [f'data.root="{args.root}"'])
+    cfg = pyrovae.load_config(
+        ROOT / "examples" / "configs" / f"mnist_{name}.toml", [f'data.root="{args.root}"']
+    )
     data = pyrovae.load_data(cfg.data, seed=cfg.train.seed)
     out = Path(args.out) / name
     if out.exists():
@@ -56,11 +58,26 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         epochs += args.chunk_epochs
         cfg.train.epochs = epochs
         t0 = time.perf_counter()
-        run = pyrovae.fit(cfg, out, resume=epochs > args.chunk_epochs, progress=False, data=data, figures=False)
+        run = pyrovae.fit(
+            cfg, out, resume=epochs > args.chunk_epochs, progress=False, data=data, figures=False
+        )
         spent += time.perf_counter() - t0
         mean, se = nll(run, x_curve, args.curve_k)
-        curve.append({"epochs": epochs, "train_minutes": spent / 60, "test_nll": mean, "se": se, "k": args.curve_k, "points": len(x_curve), "val_elbo": run.history[-1]["val_elbo"]})
-        print(f"[{name}] {epochs} epochs, {spent / 60:.1f} min: test NLL (K={args.curve_k}, {len(x_curve)} pts) {mean:.2f} ± {se:.2f}; val ELBO {run.history[-1]['val_elbo']:.2f}", flush=True)
+        curve.append(
+            {
+                "epochs": epochs,
+                "train_minutes": spent / 60,
+                "test_nll": mean,
+                "se": se,
+                "k": args.curve_k,
+                "points": len(x_curve),
+                "val_elbo": run.history[-1]["val_elbo"],
+            }
+        )
+        print(
+            f"[{name}] {epochs} epochs, {spent / 60:.1f} min: test NLL (K={args.curve_k}, {len(x_curve)} pts) {mean:.2f} ± {se:.2f}; val ELBO {run.history[-1]['val_elbo']:.2f}",
+            flush=True,
+        )
     x_eval = data.x_test[: args.eval_points]
     t0 = time.perf_counter()
     mean, se = nll(run, x_eval, args.eval_k)
@@ -99,7 +116,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--configs", default="vae,mixture,vamp,iwae5")
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     p.add_argument("--out", default="runs/mnist_nll")
@@ -117,9 +136,15 @@ def main() -> None:
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, Path(args.out) / "nll_vs_time.png")
     if args.json:
-        print(json.dumps({k: {kk: v for kk, v in r.items() if kk != "curve"} for k, r in results.items()}))
+        print(
+            json.dumps(
+                {k: {kk: v for kk, v in r.items() if kk != "curve"} for k, r in results.items()}
+            )
+        )
     for name, r in results.items():
-        print(f"{name:8s} test NLL {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} nats (IWAE K={r['eval_k']}, {r['eval_points']} test images); -ELBO {r['test_neg_elbo']:.2f}; {r['epochs']} epochs in {r['train_minutes']:.1f} min")
+        print(
+            f"{name:8s} test NLL {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} nats (IWAE K={r['eval_k']}, {r['eval_points']} test images); -ELBO {r['test_neg_elbo']:.2f}; {r['epochs']} epochs in {r['train_minutes']:.1f} min"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class AutoEncoder(nn.Module):
         self.variant, self.noise = model_config.variant, model_config.noise
         if self.variant == "overcomplete" and self.latent_dim <= self.data_dim:
             raise ConfigError(
-                f"model.latent_dim must exceed the data dimension for variant = \"overcomplete\": "
+                f'model.latent_dim must exceed the data dimension for variant = "overcomplete": '
                 f"expected > {self.data_dim}, got {self.latent_dim}"
             )
         enc_spec, dec_spec = model_config.encoder, model_config.decoder

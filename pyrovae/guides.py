@@ -31,7 +31,9 @@ class Guide(nn.Module):
 
     Spec: type[Spec]
 
-    def __init__(self, spec: Spec, encoder_spec: Spec, data_shape: tuple[int, ...], latent_dim: int) -> None:
+    def __init__(
+        self, spec: Spec, encoder_spec: Spec, data_shape: tuple[int, ...], latent_dim: int
+    ) -> None:
         super().__init__()
         self.spec, self.latent_dim = spec, latent_dim
         self.encoder = build_network(encoder_spec, data_shape, 2 * latent_dim)
@@ -73,7 +75,10 @@ class FlowGuide(Guide):
         self.flows = nn.ModuleList(
             [T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)]
         )
-        perms = [torch.randperm(latent_dim, generator=torch.Generator().manual_seed(100 + i)) for i in range(spec.layers)]
+        perms = [
+            torch.randperm(latent_dim, generator=torch.Generator().manual_seed(100 + i))
+            for i in range(spec.layers)
+        ]
         self.register_buffer("perms", torch.stack(perms))
 
     def forward(self, x):
@@ -84,5 +89,7 @@ class FlowGuide(Guide):
         return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
 
 
-def build_guide(spec: Spec, encoder_spec: Spec, data_shape: tuple[int, ...], latent_dim: int) -> Guide:
+def build_guide(
+    spec: Spec, encoder_spec: Spec, data_shape: tuple[int, ...], latent_dim: int
+) -> Guide:
     return GUIDES.build(spec, encoder_spec, data_shape, latent_dim)

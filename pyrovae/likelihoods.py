@@ -70,7 +70,9 @@ class Likelihood(nn.Module):
         """Raise :class:`DataError` naming ``source`` if ``x`` is outside this likelihood's support."""
         bad = ~torch.isfinite(x)
         if bad.any():
-            raise DataError(f"{source}: {self.spec.kind} likelihood needs finite values; found NaN/inf: {_describe(x, bad)}")
+            raise DataError(
+                f"{source}: {self.spec.kind} likelihood needs finite values; found NaN/inf: {_describe(x, bad)}"
+            )
 
 
 class _Binary(Likelihood):
@@ -80,12 +82,14 @@ class _Binary(Likelihood):
         if bad.any():
             grey = bool(((x >= 0) & (x <= 1)).all())
             hint = (
-                " The data are grey levels in [0, 1]: set data.binarize = \"dynamic\" (or \"static\") "
-                "or use model.likelihood.kind = \"continuous_bernoulli\"."
+                ' The data are grey levels in [0, 1]: set data.binarize = "dynamic" (or "static") '
+                'or use model.likelihood.kind = "continuous_bernoulli".'
                 if grey
                 else ""
             )
-            raise DataError(f"{source}: the bernoulli likelihood needs values in {{0, 1}}; found {_describe(x, bad)}.{hint}")
+            raise DataError(
+                f"{source}: the bernoulli likelihood needs values in {{0, 1}}; found {_describe(x, bad)}.{hint}"
+            )
 
 
 @LIKELIHOODS.register
@@ -103,7 +107,9 @@ class Bernoulli(_Binary):
 
     def reconstruction_loss(self, raw, x):
         """Binary cross-entropy summed over features."""
-        return nn.functional.binary_cross_entropy_with_logits(raw[..., 0, :], x, reduction="none").sum(-1)
+        return nn.functional.binary_cross_entropy_with_logits(
+            raw[..., 0, :], x, reduction="none"
+        ).sum(-1)
 
 
 class _UnitInterval(Likelihood):
@@ -111,7 +117,9 @@ class _UnitInterval(Likelihood):
         super().check_data(x, source)
         bad = (x < 0) | (x > 1)
         if bad.any():
-            raise DataError(f"{source}: the {self.spec.kind} likelihood needs values in [0, 1]; found {_describe(x, bad)}")
+            raise DataError(
+                f"{source}: the {self.spec.kind} likelihood needs values in [0, 1]; found {_describe(x, bad)}"
+            )
 
 
 @LIKELIHOODS.register

@@ -52,7 +52,9 @@ class VAE(nn.Module):
         super().__init__()
         self.config, self.data_shape = model_config, tuple(data_shape)
         self.data_dim, self.latent_dim = math.prod(data_shape), model_config.latent_dim
-        self.posterior = build_guide(model_config.guide, model_config.encoder, self.data_shape, self.latent_dim)
+        self.posterior = build_guide(
+            model_config.guide, model_config.encoder, self.data_shape, self.latent_dim
+        )
         self.likelihood = build_likelihood(model_config.likelihood, self.data_dim)
         self.decoder = build_network(
             model_config.decoder,
@@ -61,7 +63,9 @@ class VAE(nn.Module):
             out_shape=self.data_shape if model_config.decoder.kind == "conv" else None,
             out_channels_per_pixel=self.likelihood.params_per_feature,
         )
-        self.prior = build_prior(model_config.prior, self.latent_dim, self.data_dim, self.posterior.encode)
+        self.prior = build_prior(
+            model_config.prior, self.latent_dim, self.data_dim, self.posterior.encode
+        )
         #: β: weight of KL(q||p) in the loss (1 = the ELBO); the trainer sets it for warm-up.
         self.kl_scale = 1.0
         #: register parameters with Pyro's param store in model/guide (needed by pyro.infer.SVI);

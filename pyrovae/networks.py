@@ -116,7 +116,12 @@ class Conv(nn.Module):
                 pad_w = ws[j - 1] - (2 * ws[j] - 1)
                 layers.append(
                     nn.ConvTranspose2d(
-                        chans[i], chans[i + 1], 3, stride=2, padding=1, output_padding=(pad_h, pad_w)
+                        chans[i],
+                        chans[i + 1],
+                        3,
+                        stride=2,
+                        padding=1,
+                        output_padding=(pad_h, pad_w),
                     )
                 )
                 if i < len(spec.channels) - 1:

@@ -22,7 +22,11 @@ MAX_PLATE_NESTING = 1
 
 def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.infer.ELBO:
     """The ``pyro.infer`` ELBO for ``train.objective`` with ``num_particles`` samples (vectorized)."""
-    kw = dict(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=MAX_PLATE_NESTING)
+    kw = dict(
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=MAX_PLATE_NESTING,
+    )
     if objective == "trace_elbo":
         return pyro.infer.Trace_ELBO(**kw)
     if objective == "mean_field":

@@ -24,12 +24,18 @@ def _is_image(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
-def image_grid(x: torch.Tensor, shape: tuple[int, ...], path: Path, title: str, nrow: int = 8) -> Path:
+def image_grid(
+    x: torch.Tensor, shape: tuple[int, ...], path: Path, title: str, nrow: int = 8
+) -> Path:
     """Save flattened images ``x`` (N, C*H*W) as a grid."""
     imgs = x.detach().cpu().float().clamp(0, 1).reshape(-1, *shape)
     grid = make_grid(imgs, nrow=nrow, padding=1, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[1] / grid.shape[2] + 0.4))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if shape[0] == 1 else None, interpolation="nearest")
+    ax.imshow(
+        grid.permute(1, 2, 0).numpy(),
+        cmap="gray" if shape[0] == 1 else None,
+        interpolation="nearest",
+    )
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     return _save(fig, path)
@@ -49,7 +55,9 @@ def reconstructions(model, x: torch.Tensor, shape, path: Path, n: int = 8) -> Pa
     """Top row: data; bottom row: reconstructions E[x | z = E_q z]."""
     with torch.no_grad():
         rec = model.reconstruct(x[:n])
-    return image_grid(torch.cat([x[:n], rec]), shape, path, "data (top) / reconstruction (bottom)", nrow=n)
+    return image_grid(
+        torch.cat([x[:n], rec]), shape, path, "data (top) / reconstruction (bottom)", nrow=n
+    )
 
 
 def latent_scatter(model, x: torch.Tensor, y: torch.Tensor | None, path: Path, title: str) -> Path:
@@ -64,7 +72,9 @@ def latent_scatter(model, x: torch.Tensor, y: torch.Tensor | None, path: Path, t
     elif z.shape[1] == 1:
         z = torch.cat([z, torch.zeros_like(z)], 1)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    sc = ax.scatter(z[:, 0], z[:, 1], c=None if y is None else y.cpu(), cmap="tab10", s=6, alpha=0.8)
+    sc = ax.scatter(
+        z[:, 0], z[:, 1], c=None if y is None else y.cpu(), cmap="tab10", s=6, alpha=0.8
+    )
     if y is not None:
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel("z1")
@@ -97,7 +107,15 @@ def run_figures(run: Run, out: Path) -> list[Path]:
     y = data.y_test[:2000] if data.y_test is not None else None
     model.eval()
     paths = [loss_curves(run.history, out / "loss_curves.png", run.config.model.kind)]
-    paths.append(latent_scatter(model, x, y, out / "latent_scatter.png", f"{run.config.model.kind.upper()} codes of test data"))
+    paths.append(
+        latent_scatter(
+            model,
+            x,
+            y,
+            out / "latent_scatter.png",
+            f"{run.config.model.kind.upper()} codes of test data",
+        )
+    )
     if _is_image(data.shape):
         paths.append(reconstructions(model, x, data.shape, out / "reconstructions.png"))
         gen = torch.Generator().manual_seed(0)
@@ -107,7 +125,12 @@ def run_figures(run: Run, out: Path) -> list[Path]:
         else:
             s = model.decode_prior_draws(64, gen)
             paths.append(
-                image_grid(s, data.shape, out / "prior_decodes.png", "AE: decoder(z), z ~ N(0, I) — an AE has no prior, so these are not samples")
+                image_grid(
+                    s,
+                    data.shape,
+                    out / "prior_decodes.png",
+                    "AE: decoder(z), z ~ N(0, I) — an AE has no prior, so these are not samples",
+                )
             )
     model.train()
     return paths

@@ -119,7 +119,9 @@ class VampPrior(Prior):
             raise ValueError("the vamp prior needs the encoder")
         self._encode = [encode]  # a list: do not register the encoder twice as a submodule
         gen = torch.Generator().manual_seed(0)
-        self.pseudo_inputs = nn.Parameter(0.5 + 0.05 * torch.randn(spec.components, data_dim, generator=gen))
+        self.pseudo_inputs = nn.Parameter(
+            0.5 + 0.05 * torch.randn(spec.components, data_dim, generator=gen)
+        )
 
     def forward(self):
         loc, scale = self._encode[0](self.pseudo_inputs)
@@ -151,9 +153,14 @@ class FlowPrior(Prior):
         if latent_dim == 1:  # nothing to condition on: use monotone rational-quadratic splines
             layers = [T.spline(1, count_bins=8, bound=6.0) for _ in range(spec.layers)]
         else:
-            layers = [T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)]
+            layers = [
+                T.affine_autoregressive(latent_dim, hidden_dims=hidden) for _ in range(spec.layers)
+            ]
         self.flows = nn.ModuleList(layers)
-        perms = [torch.randperm(latent_dim, generator=torch.Generator().manual_seed(i)) for i in range(spec.layers)]
+        perms = [
+            torch.randperm(latent_dim, generator=torch.Generator().manual_seed(i))
+            for i in range(spec.layers)
+        ]
         self.register_buffer("perms", torch.stack(perms))
 
     def forward(self):
@@ -162,7 +169,9 @@ class FlowPrior(Prior):
         for flow, perm in zip(self.flows, self.perms, strict=True):
             # splines (d = 1) invert analytically in both directions; MAF layers score via .inv
             transforms += [flow if self.latent_dim == 1 else flow.inv, T.Permute(perm)]
-        return dist.TransformedDistribution(dist.Normal(self.loc, self.scale).to_event(1), transforms)
+        return dist.TransformedDistribution(
+            dist.Normal(self.loc, self.scale).to_event(1), transforms
+        )
 
 
 def build_prior(spec: Spec, latent_dim: int, data_dim: int, encode: Encode | None = None) -> Prior:

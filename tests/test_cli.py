@@ -17,7 +17,13 @@ TINY = [
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pyrovae.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyrovae.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -38,7 +44,9 @@ def test_fit_writes_run_folder(fitted):
 
 def test_evaluate_json(fitted):
     m = json.loads(cli("evaluate", str(fitted), "--json").stdout)
-    assert m["test_elbo"] > 0 and m["test_reconstruction_error"] > 0  # continuous Bernoulli density > 1
+    assert (
+        m["test_elbo"] > 0 and m["test_reconstruction_error"] > 0
+    )  # continuous Bernoulli density > 1
 
 
 def test_sample_png_and_npy(fitted, tmp_path):
@@ -67,11 +75,35 @@ def test_compare_prints_table(tmp_path):
     "args,needle",
     [
         (["fit", "examples/configs/digits_vae.toml", "--set", "train.epochs=-1"], "train.epochs"),
-        (["fit", "examples/configs/digits_vae.toml", "--set", "trian.epochs=1"], "trian: unknown key"),
+        (
+            ["fit", "examples/configs/digits_vae.toml", "--set", "trian.epochs=1"],
+            "trian: unknown key",
+        ),
         (["fit", "missing.toml"], "config file not found: missing.toml"),
-        (["fit", "examples/configs/digits_vae.toml", "--set", "model.likelihood.kind=bernoulli"], "binarize"),
-        (["fit", "examples/configs/digits_vae.toml", "--set", "data.dataset=\"/nonexistent/x.npz\""], "/nonexistent/x.npz"),
-        (["fit", "examples/configs/digits_vae.toml", "--set", "data.dataset=mnist", "--set", "data.root=\"/nonexistent\""], "/nonexistent"),
+        (
+            ["fit", "examples/configs/digits_vae.toml", "--set", "model.likelihood.kind=bernoulli"],
+            "binarize",
+        ),
+        (
+            [
+                "fit",
+                "examples/configs/digits_vae.toml",
+                "--set",
+                'data.dataset="/nonexistent/x.npz"',
+            ],
+            "/nonexistent/x.npz",
+        ),
+        (
+            [
+                "fit",
+                "examples/configs/digits_vae.toml",
+                "--set",
+                "data.dataset=mnist",
+                "--set",
+                'data.root="/nonexistent"',
+            ],
+            "/nonexistent",
+        ),
         (["evaluate", "/nonexistent/run"], "run folder not found"),
     ],
 )

@@ -28,10 +28,19 @@ def test_example_config_loads():
         ({"train": {"epoch": 3}}, "train.epoch: unknown key (allowed: objective, num_particles"),
         ({"trian": {}}, "trian: unknown key (allowed: data, model, train)"),
         ({"model": {"prior": {"kind": "gauss"}}}, "model.prior: "),
-        ({"model": {"prior": {"kind": "mixture", "compnents": 3}}}, "model.prior.compnents: unknown key (allowed: kind, components)"),
+        (
+            {"model": {"prior": {"kind": "mixture", "compnents": 3}}},
+            "model.prior.compnents: unknown key (allowed: kind, components)",
+        ),
         ({"model": {"likelihood": {"kind": "normal", "scale": -1}}}, "model.likelihood.scale"),
-        ({"train": {"epochs": -1}}, "train.epochs: Input should be greater than or equal to 1; got -1"),
-        ({"model": {"latent_dim": 0}}, "model.latent_dim: Input should be greater than or equal to 1; got 0"),
+        (
+            {"train": {"epochs": -1}},
+            "train.epochs: Input should be greater than or equal to 1; got -1",
+        ),
+        (
+            {"model": {"latent_dim": 0}},
+            "model.latent_dim: Input should be greater than or equal to 1; got 0",
+        ),
         ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0; got 0"),
         ({"train": {"epochs": "many"}}, "train.epochs"),
         ({"train": {"objective": "elbo"}}, "'trace_elbo', 'mean_field' or 'iwae'"),
@@ -52,7 +61,15 @@ def test_unknown_prior_kind_lists_allowed_kinds():
 
 
 def test_overrides_parse_toml_values_and_bare_strings():
-    c = load_config(None, ["train.epochs=5", "model.prior={kind=\"mixture\", components=4}", "model.likelihood.kind=bernoulli", "data.binarize=dynamic"])
+    c = load_config(
+        None,
+        [
+            "train.epochs=5",
+            'model.prior={kind="mixture", components=4}',
+            "model.likelihood.kind=bernoulli",
+            "data.binarize=dynamic",
+        ],
+    )
     assert c.train.epochs == 5 and c.model.prior.components == 4
     assert c.model.likelihood.kind == "bernoulli" and c.data.binarize == "dynamic"
 
@@ -74,7 +91,14 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    c = load_config({"model": {"prior": {"kind": "vamp", "components": 7}, "likelihood": {"kind": "normal", "scale": "learned"}}})
+    c = load_config(
+        {
+            "model": {
+                "prior": {"kind": "vamp", "components": 7},
+                "likelihood": {"kind": "normal", "scale": "learned"},
+            }
+        }
+    )
     c.save(tmp_path / "c.toml")
     assert load_config(tmp_path / "c.toml") == c
     assert isinstance(c, Config)

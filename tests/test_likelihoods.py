@@ -21,7 +21,14 @@ def raw(b=4):
 
 
 def test_registry_lists_all_likelihoods():
-    assert set(LIKELIHOODS.kinds()) == {"bernoulli", "continuous_bernoulli", "normal", "laplace", "poisson", "negative_binomial"}
+    assert set(LIKELIHOODS.kinds()) == {
+        "bernoulli",
+        "continuous_bernoulli",
+        "normal",
+        "laplace",
+        "poisson",
+        "negative_binomial",
+    }
 
 
 def test_bernoulli():
@@ -37,7 +44,9 @@ def test_continuous_bernoulli_normalizer():
     # C(λ) = 2 artanh(1 − 2λ) / (1 − 2λ)
     log_c = torch.log(2 * torch.atanh(1 - 2 * lam) / (1 - 2 * lam))
     ref = (log_c + x.double() * lam.log() + (1 - x.double()) * (1 - lam).log()).sum(-1)
-    torch.testing.assert_close(lik("continuous_bernoulli")(r).log_prob(x).double(), ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        lik("continuous_bernoulli")(r).log_prob(x).double(), ref, atol=1e-4, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind,family", [("normal", td.Normal), ("laplace", td.Laplace)])
@@ -52,7 +61,9 @@ def test_location_scale_fixed_and_learned(kind, family):
 
 def test_normal_reconstruction_loss_is_squared_error():
     r, x = raw(), torch.randn(4, D)
-    torch.testing.assert_close(lik("normal").reconstruction_loss(r, x), (x - r[:, 0]).pow(2).sum(-1))
+    torch.testing.assert_close(
+        lik("normal").reconstruction_loss(r, x), (x - r[:, 0]).pow(2).sum(-1)
+    )
 
 
 def test_poisson_and_negative_binomial():
@@ -61,7 +72,9 @@ def test_poisson_and_negative_binomial():
     torch.testing.assert_close(lik("poisson")(r).log_prob(x), td.Poisson(rate).log_prob(x).sum(-1))
     nb = lik("negative_binomial")
     total = torch.nn.functional.softplus(nb.raw_total_count) + 1e-4
-    torch.testing.assert_close(nb(r).log_prob(x), td.NegativeBinomial(total, logits=r[:, 0]).log_prob(x).sum(-1))
+    torch.testing.assert_close(
+        nb(r).log_prob(x), td.NegativeBinomial(total, logits=r[:, 0]).log_prob(x).sum(-1)
+    )
 
 
 def test_grey_levels_under_bernoulli_suggest_binarize():

@@ -18,7 +18,11 @@ SHAPE = (1, 8, 8)
 
 
 def vae(**model) -> VAE:
-    base = {"latent_dim": 3, "encoder": {"kind": "mlp", "hidden": [16]}, "decoder": {"kind": "mlp", "hidden": [16]}}
+    base = {
+        "latent_dim": 3,
+        "encoder": {"kind": "mlp", "hidden": [16]},
+        "decoder": {"kind": "mlp", "hidden": [16]},
+    }
     return VAE(load_config({"model": {**base, **model}}).model, SHAPE)
 
 
@@ -78,7 +82,7 @@ def test_own_step_equals_pyro_svi_step():
     torch.manual_seed(3)
     losses_b = [svi.step(x) for _ in range(3)]
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
@@ -105,8 +109,12 @@ def test_objectives_improve_elbo(objective):
 def test_mean_field_uses_analytic_kl_and_agrees_with_trace_elbo():
     v, x = vae(), data(32)
     torch.manual_seed(0)
-    mc = torch.stack([Trace_ELBO().differentiable_loss(v.model, v.guide, x) for _ in range(300)]).mean()
-    mf = torch.stack([make_elbo("mean_field").differentiable_loss(v.model, v.guide, x) for _ in range(300)]).mean()
+    mc = torch.stack(
+        [Trace_ELBO().differentiable_loss(v.model, v.guide, x) for _ in range(300)]
+    ).mean()
+    mf = torch.stack(
+        [make_elbo("mean_field").differentiable_loss(v.model, v.guide, x) for _ in range(300)]
+    ).mean()
     assert mf.item() == pytest.approx(mc.item(), rel=0.01)
 
 
@@ -118,9 +126,16 @@ def test_beta_scales_only_the_kl_term():
     v.kl_scale = 0.25
     g2 = poutine.trace(poutine.replay(v.guide, trace=g)).get_trace(x)
     m2 = poutine.trace(poutine.replay(v.model, trace=g)).get_trace(x)
-    assert m2.nodes["z"]["scale"] == 0.25 and g2.nodes["z"]["scale"] == 0.25 and m2.nodes["x"]["scale"] == 1.0
+    assert (
+        m2.nodes["z"]["scale"] == 0.25
+        and g2.nodes["z"]["scale"] == 0.25
+        and m2.nodes["x"]["scale"] == 1.0
+    )
     rec = m.nodes["x"]["fn"].log_prob(x).sum()
-    kl = (g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"]) - m.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"])).sum()
+    kl = (
+        g.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"])
+        - m.nodes["z"]["fn"].log_prob(g.nodes["z"]["value"])
+    ).sum()
     loss2 = -(m2.log_prob_sum() - g2.log_prob_sum())
     torch.testing.assert_close(loss1, -rec + kl)
     torch.testing.assert_close(loss2, -rec + 0.25 * kl)
@@ -133,7 +148,13 @@ def test_kl_warmup_is_linear_then_beta():
 
 
 @pytest.mark.parametrize(
-    "prior", [{"kind": "normal_learned"}, {"kind": "mixture", "components": 3}, {"kind": "vamp", "components": 4}, {"kind": "flow"}]
+    "prior",
+    [
+        {"kind": "normal_learned"},
+        {"kind": "mixture", "components": 3},
+        {"kind": "vamp", "components": 4},
+        {"kind": "flow"},
+    ],
 )
 def test_every_prior_trains_and_gets_gradients(prior):
     v, x = vae(prior=prior), data(16)
@@ -164,7 +185,9 @@ def test_validation_catches_grey_levels_under_bernoulli_in_model():
 
 
 def test_conv_vae_on_images():
-    v = vae(encoder={"kind": "conv", "channels": [8, 8]}, decoder={"kind": "conv", "channels": [8, 8]})
+    v = vae(
+        encoder={"kind": "conv", "channels": [8, 8]}, decoder={"kind": "conv", "channels": [8, 8]}
+    )
     x = data(4)
     assert torch.isfinite(Trace_ELBO().differentiable_loss(v.model, v.guide, x))
     assert v.sample(3).shape == (3, 64)

@@ -15,7 +15,9 @@ from pyrovae.networks import NETWORKS, Conv, build_network
 def test_conv_encoder_decoder_shapes(shape, params):
     d = math.prod(shape)
     enc = build_network(Conv.Spec(), shape, 10)
-    dec = build_network(Conv.Spec(), (5,), params * d, out_shape=shape, out_channels_per_pixel=params)
+    dec = build_network(
+        Conv.Spec(), (5,), params * d, out_shape=shape, out_channels_per_pixel=params
+    )
     x = torch.rand(3, 4, d)  # (particles, batch, D)
     assert enc(x).shape == (3, 4, 10)
     assert dec(torch.randn(3, 4, 5)).shape == (3, 4, params * d)

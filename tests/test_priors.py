@@ -18,7 +18,9 @@ D, DATA = 3, 6
 
 def make(kind: str, **opts):
     spec = PRIORS[kind].Spec(**opts)
-    guide = build_guide(build_guide.__globals__["GUIDES"]["normal"].Spec(), MLP.Spec(hidden=[8]), (DATA,), D)
+    guide = build_guide(
+        build_guide.__globals__["GUIDES"]["normal"].Spec(), MLP.Spec(hidden=[8]), (DATA,), D
+    )
     return build_prior(spec, D, DATA, guide.encode), guide
 
 
@@ -49,7 +51,9 @@ def test_mixture_matches_explicit_logsumexp():
     prior, _ = make("mixture", components=4)
     z = torch.randn(9, D)
     p = prior()
-    comp = td.Independent(td.Normal(prior.locs, torch.nn.functional.softplus(prior.raw_scales) + 1e-4), 1)
+    comp = td.Independent(
+        td.Normal(prior.locs, torch.nn.functional.softplus(prior.raw_scales) + 1e-4), 1
+    )
     ref = torch.logsumexp(comp.log_prob(z[:, None, :]) + torch.log_softmax(prior.logits, 0), dim=1)
     torch.testing.assert_close(p.log_prob(z), ref)
 

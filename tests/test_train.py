@@ -19,8 +19,18 @@ def params(model):
 
 def test_digits_run_folder_and_metrics(digits_run):
     d = digits_run.dir
-    assert {p.name for p in d.iterdir()} >= {"config.toml", "checkpoint.pt", "metrics.json", "figures"}
-    assert {p.name for p in (d / "figures").iterdir()} == {"loss_curves.png", "latent_scatter.png", "reconstructions.png", "samples.png"}
+    assert {p.name for p in d.iterdir()} >= {
+        "config.toml",
+        "checkpoint.pt",
+        "metrics.json",
+        "figures",
+    }
+    assert {p.name for p in (d / "figures").iterdir()} == {
+        "loss_curves.png",
+        "latent_scatter.png",
+        "reconstructions.png",
+        "samples.png",
+    }
     m = json.loads((d / "metrics.json").read_text())
     assert len(m["history"]) == 3
     for row in m["history"]:
@@ -34,7 +44,9 @@ def test_digits_run_folder_and_metrics(digits_run):
 def test_load_run_restores_the_same_model(digits_run):
     run = pyrovae.load_run(digits_run.dir, data=True)
     x = run.data.x_test[:10]
-    torch.testing.assert_close(run.model.reconstruct(x), digits_run.model.cpu().eval().reconstruct(x))
+    torch.testing.assert_close(
+        run.model.reconstruct(x), digits_run.model.cpu().eval().reconstruct(x)
+    )
     assert run.config == digits_run.config
 
 
@@ -46,9 +58,17 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = pyrovae.fit(tiny_config(train={"epochs": 4}), tmp_path / "full", progress=False, figures=False)
+    full = pyrovae.fit(
+        tiny_config(train={"epochs": 4}), tmp_path / "full", progress=False, figures=False
+    )
     pyrovae.fit(tiny_config(train={"epochs": 2}), tmp_path / "part", progress=False, figures=False)
-    resumed = pyrovae.fit(tiny_config(train={"epochs": 4}), tmp_path / "part", resume=True, progress=False, figures=False)
+    resumed = pyrovae.fit(
+        tiny_config(train={"epochs": 4}),
+        tmp_path / "part",
+        resume=True,
+        progress=False,
+        figures=False,
+    )
     for k, v in params(full.model).items():
         assert torch.equal(v, params(resumed.model)[k]), k
 
@@ -84,7 +104,9 @@ def test_existing_run_needs_resume(digits_run):
 def test_resume_rejects_changed_config(tmp_path):
     pyrovae.fit(tiny_config(train={"epochs": 1}), tmp_path / "r", progress=False, figures=False)
     with pytest.raises(ConfigError, match="differs"):
-        pyrovae.fit(tiny_config(model={"latent_dim": 3}), tmp_path / "r", resume=True, progress=False)
+        pyrovae.fit(
+            tiny_config(model={"latent_dim": 3}), tmp_path / "r", resume=True, progress=False
+        )
 
 
 def test_bad_input_leaves_no_run_folder(tmp_path):
@@ -98,13 +120,23 @@ def test_bad_input_leaves_no_run_folder(tmp_path):
 
 
 def test_dynamic_binarization_with_bernoulli_trains(tmp_path):
-    run = pyrovae.fit(tiny_config(data={"binarize": "dynamic"}, model={"likelihood": {"kind": "bernoulli"}}), tmp_path / "b", progress=False, figures=False)
+    run = pyrovae.fit(
+        tiny_config(data={"binarize": "dynamic"}, model={"likelihood": {"kind": "bernoulli"}}),
+        tmp_path / "b",
+        progress=False,
+        figures=False,
+    )
     assert run.metrics["test_elbo"] < 0  # a log-probability of binary data
 
 
 @pytest.mark.parametrize("beta,warmup", [(0.5, 0), (1.0, 2)])
 def test_beta_and_warmup_recorded(tmp_path, beta, warmup):
-    run = pyrovae.fit(tiny_config(train={"beta": beta, "kl_warmup_epochs": warmup}), tmp_path / "r", progress=False, figures=False)
+    run = pyrovae.fit(
+        tiny_config(train={"beta": beta, "kl_warmup_epochs": warmup}),
+        tmp_path / "r",
+        progress=False,
+        figures=False,
+    )
     scales = [h["kl_scale"] for h in run.history]  # the scale at each epoch's last step
     if warmup == 0:
         assert scales == [beta, beta]
@@ -114,11 +146,24 @@ def test_beta_and_warmup_recorded(tmp_path, beta, warmup):
 
 @pytest.mark.parametrize("objective", ["mean_field", "iwae"])
 def test_other_objectives_fit(tmp_path, objective):
-    run = pyrovae.fit(tiny_config(train={"objective": objective, "num_particles": 2}), tmp_path / objective, progress=False, figures=False)
+    run = pyrovae.fit(
+        tiny_config(train={"objective": objective, "num_particles": 2}),
+        tmp_path / objective,
+        progress=False,
+        figures=False,
+    )
     assert run.history[-1]["val_elbo"] > run.history[0]["val_elbo"] - 1
 
 
-@pytest.mark.parametrize("variant,extra", [("deep", {}), ("linear", {}), ("overcomplete", {"latent_dim": 100}), ("denoising", {"noise": 0.3})])
+@pytest.mark.parametrize(
+    "variant,extra",
+    [
+        ("deep", {}),
+        ("linear", {}),
+        ("overcomplete", {"latent_dim": 100}),
+        ("denoising", {"noise": 0.3}),
+    ],
+)
 def test_autoencoder_variants_train(tmp_path, variant, extra):
     cfg = tiny_config(model={"kind": "ae", "variant": variant, **extra}, train={"epochs": 3})
     run = pyrovae.fit(cfg, tmp_path / variant, progress=False)
@@ -130,7 +175,11 @@ def test_autoencoder_variants_train(tmp_path, variant, extra):
 
 def test_overcomplete_needs_more_codes_than_inputs(tmp_path):
     with pytest.raises(ConfigError, match="latent_dim must exceed.*64.*got 2"):
-        pyrovae.fit(tiny_config(model={"kind": "ae", "variant": "overcomplete"}), tmp_path / "o", progress=False)
+        pyrovae.fit(
+            tiny_config(model={"kind": "ae", "variant": "overcomplete"}),
+            tmp_path / "o",
+            progress=False,
+        )
     assert not (tmp_path / "o").exists()
 
 
