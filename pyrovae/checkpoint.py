@@ -17,6 +17,8 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -116,12 +118,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - anything torch raises here means "unsafe or corrupt"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: not a valid pyrovae checkpoint (truncated or corrupt), or "
-            "it contains code/objects that are not plain tensors and data (loaded with "
-            f"weights_only=True, nothing was executed). Detail: {first}"
-        ) from None
+        raise CheckpointError(_load_failure(path, e)) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         got = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -130,6 +127,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         )
     check_state(state, path)
     return state
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """A one-paragraph explanation of why ``torch.load(weights_only=True)`` refused ``path``."""
+    text = str(e)
+    safe = (
+        "It was read with torch.load(weights_only=True): nothing in it was executed. Do not "
+        "load it with weights_only=False unless you trust its source."
+    )
+    glob = re.search(r"GLOBAL ([\w.]+)", text)
+    if glob:
+        return (
+            f"{path}: refused to load: the file asks to import the Python object {glob[1]}, "
+            f"which a pyrovae checkpoint never holds (only tensors and plain data). {safe}"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if ln.startswith("Unsupported")), None)
+    detail = (detail or (lines[0] if lines else type(e).__name__))[:200]
+    if isinstance(e, pickle.UnpicklingError):
+        return (
+            f"{path}: refused to load: not a pyrovae checkpoint: the file is truncated or corrupt, "
+            f"or holds pickled Python objects beyond tensors and plain data ({detail}). {safe}"
+        )
+    return f"{path}: refused to load: the file is truncated or corrupt ({detail})"
 
 
 def _is_int(v: Any, low: int = 0) -> bool:

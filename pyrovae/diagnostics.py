@@ -130,9 +130,9 @@ def log_weights_chunked(
 
 # ---------------------------------------------------------------------------------------- PSIS
 def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
-    r"""Pareto :math:`\hat k` per datapoint from log weights ``(K, N)`` via ``arviz.psislw``.
+    r"""Pareto $\hat k$ per datapoint from log weights ``(K, N)`` via ``arviz.psislw``.
 
-    ArviZ < 1.0 takes *log importance ratios* (no sign flip; PSIS-LOO passes :math:`-\log p`),
+    ArviZ < 1.0 takes *log importance ratios* (no sign flip; PSIS-LOO passes $-\log p$),
     with the draws on the **last** axis, hence the transpose to ``(N, K)``.
     """
     import arviz as az
@@ -145,12 +145,12 @@ def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
 
 
 def psis_khat(model, guide, x: torch.Tensor, num_samples: int = 1000) -> torch.Tensor:
-    r"""Pareto-smoothed importance sampling :math:`\hat k` of :math:`w = p(x,z)/q(z\mid x)`, ``(N,)``.
+    r"""Pareto-smoothed importance sampling $\hat k$ of $w = p(x,z)/q(z\mid x)$, ``(N,)``.
 
-    :math:`\hat k` is the fitted shape of a generalized Pareto distribution to the largest
-    weights. :math:`\hat k < 0.5`: the weights have finite variance, q is a good proposal;
-    :math:`0.5 \le \hat k \le 0.7`: usable, slower convergence; :math:`\hat k > 0.7`: the
-    importance sampling estimate of :math:`\log p(x)` (and so :func:`~pyrovae.evaluate.log_likelihood`)
+    $\hat k$ is the fitted shape of a generalized Pareto distribution to the largest
+    weights. $\hat k < 0.5$: the weights have finite variance, q is a good proposal;
+    $0.5 \le \hat k \le 0.7$: usable, slower convergence; $\hat k > 0.7$: the
+    importance sampling estimate of $\log p(x)$ (and so :func:`~pyrovae.evaluate.log_likelihood`)
     is unreliable — q(z|x) misses mass of p(z|x), typically because it is too narrow
     (Vehtari et al. 2024; Yao et al. 2018 for variational inference).
     """
@@ -174,7 +174,7 @@ def khat_summary(khat: torch.Tensor) -> dict[str, float | int]:
 
 # ------------------------------------------------------------------------- ELBO decomposition
 def marginals(d: dist.Distribution) -> dist.Distribution | None:
-    r"""Univariate marginals of a distribution over :math:`z \in \mathbb R^d` as a batch ``(..., d)``.
+    r"""Univariate marginals of a distribution over $z \in \mathbb R^d$ as a batch ``(..., d)``.
 
     Closed forms for a diagonal Normal, a MultivariateNormal and a mixture of those; ``None``
     otherwise (e.g. a flow).
@@ -231,7 +231,7 @@ class ELBODecomposition:
 
     @property
     def active(self) -> torch.Tensor:
-        """Boolean ``(d,)``: :math:`\\mathrm{Cov}_x E_q[z_u|x] > 0.01`."""
+        """Boolean ``(d,)``: $\\mathrm{Cov}_x E_q[z_u|x] > 0.01$."""
         return self.posterior_mean_variance > ACTIVE_THRESHOLD
 
     @property
@@ -307,14 +307,16 @@ def _posterior_means(q, z: torch.Tensor) -> torch.Tensor:
 def mutual_information(
     q_plain: dist.Distribution, z: torch.Tensor, log_q: torch.Tensor, log_p: torch.Tensor
 ) -> tuple[float, float]:
-    r"""ELBO surgery (Hoffman & Johnson 2016) with the full-data mixture as :math:`q(z)`.
+    r"""ELBO surgery (Hoffman & Johnson 2016) with the full-data mixture as $q(z)$.
 
-    With :math:`q(z) = \frac1N \sum_m q(z\mid x_m)` and draws :math:`z_{kn} \sim q(z\mid x_n)`:
+    With $q(z) = \frac1N \sum_m q(z\mid x_m)$ and draws $z_{kn} \sim q(z\mid x_n)$:
 
-    .. math:: \hat I = \frac1{KN}\sum_{k,n} \log q(z_{kn}\mid x_n) - \log q(z_{kn}), \qquad
-              \widehat{\mathrm{KL}}(q(z)\|p(z)) = \frac1{KN}\sum_{k,n} \log q(z_{kn}) - \log p(z_{kn}).
+    $$
+    \hat I = \frac1{KN}\sum_{k,n} \log q(z_{kn}\mid x_n) - \log q(z_{kn}),
+    \qquad \widehat{\mathrm{KL}}(q(z)\|p(z)) = \frac1{KN}\sum_{k,n} \log q(z_{kn}) - \log p(z_{kn}).
+    $$
 
-    Since the mixture contains :math:`q(z\mid x_n)/N`, :math:`\hat I \le \log N` always.
+    Since the mixture contains $q(z\mid x_n)/N$, $\hat I \le \log N$ always.
     ``q_plain`` has batch shape ``(N,)``; ``z`` is ``(K, N, d)``; ``log_q``, ``log_p`` ``(K, N)``.
     """
     n = z.shape[1]
@@ -334,14 +336,14 @@ def elbo_decomposition(
     max_mi_points: int | None = 1000,
     seed: int = 0,
 ) -> ELBODecomposition:
-    r"""Reconstruction, KL, KL per dimension, active units, :math:`I(x;z)`, :math:`\mathrm{KL}(q(z)\|p(z))`.
+    r"""Reconstruction, KL, KL per dimension, active units, $I(x;z)$, $\mathrm{KL}(q(z)\|p(z))$.
 
-    * reconstruction :math:`E_q[\log p(x\mid z)]` and KL by Monte Carlo with ``num_particles``
+    * reconstruction $E_q[\log p(x\mid z)]$ and KL by Monte Carlo with ``num_particles``
       draws (KL analytic where ``torch.distributions.kl_divergence`` is registered);
-    * KL per dimension :math:`\mathrm{KL}(q(z_u\mid x)\|p(z_u))` from the marginals;
-    * active units :math:`A_u = \mathrm{Cov}_x(E_{q(z|x)}[z_u]) > 0.01` (Burda et al. 2016);
-    * :math:`I(x;z)` and the aggregate KL on at most ``max_mi_points`` datapoints (cost
-      :math:`O(K N^2)`), see :func:`mutual_information`.
+    * KL per dimension $\mathrm{KL}(q(z_u\mid x)\|p(z_u))$ from the marginals;
+    * active units $A_u = \mathrm{Cov}_x(E_{q(z|x)}[z_u]) > 0.01$ (Burda et al. 2016);
+    * $I(x;z)$ and the aggregate KL on at most ``max_mi_points`` datapoints (cost
+      $O(K N^2)$), see :func:`mutual_information`.
     """
     g, m, pdim = vectorized_traces(model, guide, x, num_particles)
     site = _latent_site(g)
@@ -449,9 +451,9 @@ def nuts_posterior(
     seed: int = 0,
     jit: bool = False,
 ) -> NUTSResult:
-    r"""Draws of :math:`p(z\mid x_n)` by NUTS (``pyro.infer.MCMC``) for the datapoints ``x``.
+    r"""Draws of $p(z\mid x_n)$ by NUTS (``pyro.infer.MCMC``) for the datapoints ``x``.
 
-    The model is run with ``x`` observed, so NUTS targets :math:`p(z\mid x)\propto p(x\mid z)p(z)`
+    The model is run with ``x`` observed, so NUTS targets $p(z\mid x)\propto p(x\mid z)p(z)$
     (Hoffman & Gelman 2014), the datapoints jointly (their posteriors are independent).
     ``chain_method="vectorized"`` stacks ``num_chains`` copies of ``x`` into one run: each copy
     is an independent target started at its own random point, so the copies are independent
@@ -527,7 +529,7 @@ def to_inference_data(
 ) -> az.InferenceData:
     r"""Posterior draws of z for the batch ``x`` as ArviZ ``InferenceData``.
 
-    Without ``mcmc_draws``: group ``posterior`` holds ``num_samples`` draws of :math:`q(z\mid x)`
+    Without ``mcmc_draws``: group ``posterior`` holds ``num_samples`` draws of $q(z\mid x)$
     (one chain), variable ``z`` with dims ``(chain, draw, point, latent)``. With ``mcmc_draws``
     (``(chains, draws, N, d)``, e.g. :attr:`NUTSResult.z`): ``posterior`` holds the MCMC draws and
     the extra group ``variational`` the q draws. ``observed_data`` holds ``x``.
@@ -621,18 +623,24 @@ class _LocalFamily:
 
 @torch.no_grad()
 def mixture_log_likelihood(
-    model, proposals: list[tuple[Any, dist.Distribution]], x: torch.Tensor, num_samples: int, max_rows: int = MAX_ROWS
+    model,
+    proposals: list[tuple[Any, dist.Distribution]],
+    x: torch.Tensor,
+    num_samples: int,
+    max_rows: int = MAX_ROWS,
 ) -> torch.Tensor:
-    r"""Importance-sampled :math:`\log p(x)` with the mixture proposal :math:`\bar q = \frac1J\sum_j q_j`.
+    r"""Importance-sampled $\log p(x)$ with the mixture proposal $\bar q = \frac1J\sum_j q_j$.
 
     ``proposals`` are ``(guide, q_j)`` pairs, ``q_j`` the guide's distribution with batch shape
     ``(N,)``; ``num_samples / J`` draws come from each (deterministic mixture, balance
     heuristic; Veach & Guibas 1995, Owen & Zhou 2000):
 
-    .. math:: \log \hat p(x) = \log \frac1K \sum_{j}\sum_{k} \frac{p(x, z_{jk})}{\bar q(z_{jk})},
-       \qquad z_{jk} \sim q_j(z\mid x),
+    $$
+    \log \hat p(x) = \log \frac1K \sum_{j}\sum_{k} \frac{p(x, z_{jk})}{\bar q(z_{jk})},
+    \qquad z_{jk} \sim q_j(z\mid x),
+    $$
 
-    unbiased for :math:`p(x)`, with weights bounded by :math:`J\,p(x,z)/q_j(z)` for every j —
+    unbiased for $p(x)$, with weights bounded by $J\,p(x,z)/q_j(z)$ for every j —
     as good as the best-covering proposal. Particles are chunked; ``x`` is not (local guides).
     """
     n, j = x.shape[0], len(proposals)
@@ -713,18 +721,19 @@ def amortization_gap(
 ) -> AmortizationGap:
     r"""Approximation and amortization gaps per datapoint (Cremer, Li & Duvenaud 2018).
 
-    :math:`q^*(z\mid x_n)` is the member of q's family (Gaussian parameters freed per datapoint,
+    $q^*(z\mid x_n)$ is the member of q's family (Gaussian parameters freed per datapoint,
     any flow transforms kept) that maximizes the ELBO, found by Adam on the Monte Carlo ELBO
     (``num_particles`` draws) for ``steps`` steps, starting from the encoder's output. Then
 
-    .. math:: \underbrace{\log p(x) - \mathrm{ELBO}(q)}_{\text{inference gap}}
-       = \underbrace{\log p(x) - \mathrm{ELBO}(q^*)}_{\text{approximation gap}}
-       + \underbrace{\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q)}_{\text{amortization gap}} .
+    $$
+    \underbrace{\log p(x) - \mathrm{ELBO}(q)}_{\text{inference gap}} = \underbrace{\log p(x) - \mathrm{ELBO}(q^*)}_{\text{approximation gap}}
+    + \underbrace{\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q)}_{\text{amortization gap}} .
+    $$
 
-    ELBOs use ``eval_particles`` draws; :math:`\log \hat p(x)` is
-    :func:`mixture_log_likelihood` with the defensive proposal :math:`\frac12 q + \frac12 q^*`
+    ELBOs use ``eval_particles`` draws; $\log \hat p(x)$ is
+    :func:`mixture_log_likelihood` with the defensive proposal $\frac12 q + \frac12 q^*$
     (``iwae_samples`` draws in all): q* alone is often too narrow a proposal (k-hat > 0.7) and
-    would overestimate :math:`\log p(x)` by chance.
+    would overestimate $\log p(x)$ by chance.
     """
     site, q0 = _plain_guide_site(guide, x)
     fam = _LocalFamily(q0)
@@ -732,7 +741,9 @@ def amortization_gap(
     for p in fam.params:
         p.requires_grad_(False)
     local = fam.guide(site)
-    log_px = mixture_log_likelihood(model, [(guide, q0), (local, fam.distribution())], x, iwae_samples)
+    log_px = mixture_log_likelihood(
+        model, [(guide, q0), (local, fam.distribution())], x, iwae_samples
+    )
     base = fam.distribution()
     base = base.base_dist if fam.transforms else base
     scale = (

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 
 if TYPE_CHECKING:
     from pyrovae.train import Run
@@ -33,6 +34,8 @@ DATA_PLATE = "data"
 PARTICLE_PLATE = "_num_particles"
 #: default bound on particles x datapoints scored in one model call by :func:`log_likelihood`
 MAX_ROWS = 1 << 14
+#: fewest datapoints per chunk in :func:`log_likelihood` when ``batch_size`` is not given
+MIN_POINTS = 32
 
 
 def _site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch.Tensor:
@@ -70,7 +73,7 @@ def _max_plate_nesting(model, guide, *args) -> int:
 
 
 def is_scored(site: dict) -> bool:
-    """A sample site that contributes to :math:`\\log p` or :math:`\\log q` (not a plate/subsample)."""
+    """A sample site that contributes to $\\log p$ or $\\log q$ (not a plate/subsample)."""
     return (
         site["type"] == "sample"
         and site["name"] != PARTICLE_PLATE
@@ -128,7 +131,7 @@ def log_weights_with_grad(
 def log_weights(
     model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs
 ) -> torch.Tensor:
-    r"""Log importance weights :math:`\log p(x, z_k) - \log q(z_k|x)`, shape ``(num_particles, N)``.
+    r"""Log importance weights $\log p(x, z_k) - \log q(z_k|x)$, shape ``(num_particles, N)``.
 
     Particles are vectorized with an extra plate left of the model's plates. Site scales (β,
     subsampling) are ignored: this is always the plain joint density.
@@ -141,8 +144,10 @@ def elbo(
 ) -> torch.Tensor:
     r"""Monte Carlo ELBO per datapoint, shape ``(N,)``, nats.
 
-    .. math:: \widehat{\mathrm{ELBO}}(x) = \frac1K\sum_{k=1}^K \log p(x,z_k) - \log q(z_k|x),
-       \qquad z_k \sim q(z\mid x).
+    $$
+    \widehat{\mathrm{ELBO}}(x) = \frac1K\sum_{k=1}^K \log p(x,z_k) - \log q(z_k|x),
+    \qquad z_k \sim q(z\mid x).
+    $$
 
     ``batch_size`` splits the datapoints into chunks (memory).
     """
@@ -152,12 +157,15 @@ def elbo(
 
 
 def _chunks(num_samples: int, n: int, batch_size: int | None, max_rows: int) -> tuple[int, int]:
-    """(datapoints per chunk, particles per chunk) so that their product is about ``max_rows``."""
-    if batch_size is not None:
-        b = max(1, min(batch_size, n))
-        return b, max(1, min(num_samples, max_rows // b))
-    k = max(1, min(num_samples, max_rows))
-    return max(1, min(n, max_rows // k)), k
+    """(datapoints per chunk, particles per chunk), their product at most about ``max_rows``.
+
+    Without ``batch_size``: at least ``MIN_POINTS`` datapoints per chunk (fewer, larger
+    datapoint chunks; with large K the particles are split instead).
+    """
+    if batch_size is None:
+        batch_size = max(max_rows // num_samples, MIN_POINTS)
+    b = max(1, min(batch_size, n))
+    return b, max(1, min(num_samples, max_rows // b))
 
 
 @torch.no_grad()
@@ -169,17 +177,21 @@ def log_likelihood(
     batch_size: int | None = None,
     max_rows: int = MAX_ROWS,
 ) -> torch.Tensor:
-    r"""Importance-sampled :math:`\log p(x)` per datapoint (the IWAE bound), shape ``(N,)``, nats.
+    r"""Importance-sampled $\log p(x)$ per datapoint (the IWAE bound), shape ``(N,)``, nats.
 
-    .. math:: \log \hat p_K(x) = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k\mid x)},
-       \qquad z_k \sim q(z \mid x),
+    $$
+    \log \hat p_K(x) = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k\mid x)},
+    \qquad z_k \sim q(z \mid x),
+    $$
 
-    with :math:`E[\log \hat p_K(x)] \le \log p(x)`, increasing in :math:`K` (Burda et al. 2016).
+    with $E[\log \hat p_K(x)] \le \log p(x)$, increasing in $K$ (Burda et al. 2016).
     The guide is the proposal. Memory is bounded whatever ``num_samples``: datapoints are split
     into chunks of ``batch_size`` and particles into chunks so that at most about ``max_rows``
     (particle, datapoint) pairs go through the networks at once; the log-sum-exp over
-    particles is accumulated chunk by chunk (streaming: :math:`s \leftarrow
-    \operatorname{logaddexp}(s, \operatorname{logsumexp}_k \log w_k)`).
+    particles is accumulated chunk by chunk (streaming: $s \leftarrow
+    \operatorname{logaddexp}(s, \operatorname{logsumexp}_k \log w_k)$). Pyro's validation
+    (if enabled) runs on the first particle chunk of every datapoint chunk, so every datapoint
+    is checked once; the remaining chunks only redraw z and skip it.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
@@ -190,7 +202,10 @@ def log_likelihood(
         done = 0
         while done < num_samples:
             kc = min(k, num_samples - done)
-            lw = log_weights(model, guide, xb, kc).to(torch.float64)
+            # the first particle chunk of each datapoint chunk runs with Pyro's validation as
+            # configured (it checks every datapoint); later ones only redraw z and skip it
+            with pyro.validation_enabled(is_validation_enabled() and done == 0):
+                lw = log_weights(model, guide, xb, kc).to(torch.float64)
             acc = torch.logaddexp(acc, torch.logsumexp(lw, 0).cpu())
             done += kc
         out.append(acc - math.log(num_samples))
@@ -199,12 +214,12 @@ def log_likelihood(
 
 @torch.no_grad()
 def reconstruction_error(net, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    r"""Squared error :math:`\|x - \hat x\|^2` per datapoint, :math:`\hat x = E[x \mid z=E_q z]` (VAE) or the AE output."""
+    r"""Squared error $\|x - \hat x\|^2$ per datapoint, $\hat x = E[x \mid z=E_q z]$ (VAE) or the AE output."""
     return torch.cat([(xb - net.reconstruct(xb)).pow(2).sum(-1) for xb in x.split(batch_size)])
 
 
 def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and its standard error :math:`s/\\sqrt N` over datapoints."""
+    """Mean and its standard error $s/\\sqrt N$ over datapoints."""
     v = values.detach().double().flatten()
     se = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
     return float(v.mean()), se

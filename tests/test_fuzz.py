@@ -168,6 +168,17 @@ def test_known_fuzz_findings():
 # =============================================================================================
 # data
 # =============================================================================================
+def test_known_data_fuzz_findings(work):
+    """Big-endian arrays once crashed torch.from_numpy; float64 values beyond float32 once
+    became inf silently."""
+    np.save(work / "be.npy", np.arange(40, dtype=">f4").reshape(10, 4))
+    ds = load_data(DataConfig(dataset=str(work / "be.npy")))
+    assert ds.x_train.dtype == torch.float32 and ds.x_train.abs().sum() > 0
+    np.save(work / "huge.npy", np.full((10, 4), 1e300))
+    with pytest.raises(DataError, match=r"huge\.npy.*float32 range.*1e\+300"):
+        load_data(DataConfig(dataset=str(work / "huge.npy")))
+
+
 def _check_data(cfg: DataConfig) -> Dataset | None:
     try:
         ds = load_data(cfg)
