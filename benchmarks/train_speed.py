@@ -222,8 +222,12 @@ def trust_checked_data(vae) -> None:
     orig = type(lik).forward
 
     def forward(raw):
+        # = passing ``validate_args=False`` to the distribution's constructor: no argument check
+        # now, and no support check when the ELBO scores the observed batch
         with _default_validate_args(False):
-            return orig(lik, raw)
+            d = orig(lik, raw)
+        d._validate_args = False
+        return d
 
     lik.forward = forward
 
@@ -244,6 +248,41 @@ def plate_with_device(vae) -> None:
         return pyro.plate("data", n_data, subsample=idx, device=x.device)
 
     vae._plate = _plate
+
+
+def batch_index_select(tr: Trainer) -> None:
+    """Prototype: ``Trainer._batch`` with ``index_select`` instead of advanced indexing (same values)."""
+    b = tr.config.train.batch_size
+    dynamic = tr.data.binarize == "dynamic"
+
+    def _batch(s):
+        x = tr.x_train.index_select(0, tr.perm[s * b : (s + 1) * b])
+        if dynamic:
+            x = torch.bernoulli(x, generator=tr.gen)
+        return x
+
+    tr._batch = _batch
+
+
+def cache_fixed_prior(vae) -> None:
+    """Prototype: the ``normal`` prior N(0, I) has no parameters, so its distribution object is
+    built once (per device/dtype of its buffers) instead of every step (no per-step argument
+    validation of constant buffers)."""
+    prior = vae.prior
+    if type(prior).__name__ != "StandardNormal":
+        return
+    orig = type(prior).forward
+    cache: dict = {}
+
+    def forward():
+        key = (prior.loc.data_ptr(), prior.loc._version, prior.scale.data_ptr(), prior.scale._version)
+        d = cache.get(key)
+        if d is None:
+            cache.clear()
+            d = cache[key] = orig(prior)
+        return d
+
+    prior.forward = forward
 
 
 def pure_trace_loss(vae, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -339,6 +378,18 @@ def patch_lean(tr: Trainer) -> None:
     plate_with_device(tr.model)
 
 
+def patch_lean_plus(tr: Trainer) -> None:
+    """Everything proposed: lean ELBO, validate-once likelihood, plate device, cached N(0, I)
+    prior, index_select batches, fused Adam."""
+    patch_lean_fused(tr)
+    batch_index_select(tr)
+    cache_fixed_prior(tr.model)
+
+
+def patch_foreach(tr: Trainer) -> None:
+    tr.opt = torch.optim.Adam(tr.model.parameters(), lr=tr.lr, foreach=True)
+
+
 def patch_fused(tr: Trainer) -> None:
     tr.opt = torch.optim.Adam(tr.model.parameters(), lr=tr.lr, fused=True)
 
@@ -402,6 +453,14 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_compiled)
     if name == "pure_trace":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_pure_trace)
+    if name == "lean_plus":
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_lean_plus)
+    if name == "pyrovae_foreach":
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_foreach)
+    if name == "handwritten_foreach":
+        r = HandwrittenRunner(name, data, cfg_for("trace_elbo"), device)
+        r.t.opt = torch.optim.Adam(r.t.model.parameters(), lr=1e-3, foreach=True)
+        return r
     if name == "pyrovae_fused":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_fused)
     raise SystemExit(f"unknown variant {name!r}; choose from {ALL_VARIANTS},pyrovae_fused")

@@ -30,6 +30,17 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("quantity", "va
     return "\n".join(lines) + "\n"
 
 
+def _sci(v: float) -> str:
+    """``1.2e-03``, or an em dash for a missing value."""
+    return "—" if v != v else f"{v:.1e}"
+
+
+def _tex_sci(v: float) -> str:
+    r"""``8.4 \times 10^{75}``."""
+    mant, exp = f"{v:.1e}".split("e")
+    return f"{mant} \\times 10^{{{int(exp)}}}"
+
+
 def lesson1() -> str:
     from pyrovae.teaching.linear_ae import linear_ae_lesson, plot_linear_ae
 
@@ -186,7 +197,238 @@ def lesson6() -> str:
     )
 
 
-LESSONS: dict[str, Callable[[], str]] = {"lesson1": lesson1, "lesson4": lesson4, "lesson6": lesson6}
+def lesson2() -> str:
+    from pyrovae.teaching.deep_vs_linear import deep_vs_linear_lesson, plot_deep_vs_linear
+
+    r = deep_vs_linear_lesson(code_sizes=(2, 8), seed=0)
+    plot_deep_vs_linear(r, FIGURES / "lesson2_deep_vs_linear.png")
+    head = (
+        "| code size $k$ | linear AE | PCA (linear optimum) | deep AE | deep / linear "
+        "| parameters (linear, deep) |\n|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = "".join(
+        f"| {c.k} | {c.linear_error:.4f} | {c.pca_error:.4f} | **{c.deep_error:.4f}** "
+        f"| {c.deep_vs_linear:.3f} | {c.linear_params:,}, {c.deep_params:,} |\n"
+        for c in r.results
+    )
+    train = "".join(
+        f"| {c.k} | {c.linear_train_error:.4f} | {c.pca_train_error:.4f} "
+        f"| {c.deep_train_error:.4f} |\n"
+        for c in r.results
+    )
+    ok = all(c.deep_error < min(c.linear_error, c.pca_error) for c in r.results)
+    hidden = "-".join(map(str, r.hidden))
+    return (
+        f"Digits: {r.n_train} training and {r.n_test} test images; deep AE = MLP "
+        f"64-{hidden}-$k$ and its mirror image (softplus); both trained {r.epochs} epochs with "
+        f"Adam (lr {r.lr:g}, batch 64) by `pyrovae.fit`. Mean squared error per **test** image, "
+        "summed over the 64 pixels:\n\n"
+        + head
+        + rows
+        + "\nThe same on the **training** split (the linear AE cannot go below PCA there):\n\n"
+        + "| $k$ | linear AE | PCA residual $\\sum_{j>k}\\lambda_j$ | deep AE |\n|---:|---:|---:|---:|\n"
+        + train
+        + f"\n**Claim** (deep < linear, and below PCA, at every $k$): {'holds' if ok else '**FAILS**'}.\n"
+    )
+
+
+def lesson3() -> str:
+    from pyrovae.teaching.overcomplete import overcomplete_lesson, plot_overcomplete
+
+    r = overcomplete_lesson(code_size=100, noise=0.3, seed=0)
+    plot_overcomplete(r, FIGURES / "lesson3_overcomplete.png")
+    oc, dn = r.overcomplete, r.denoising
+    rows = [
+        (
+            "test digits (never seen), $\\lVert x-\\hat x\\rVert^2$",
+            f"{oc.test_error:.2e}",
+            f"{dn.test_error:.3f}",
+        ),
+        ("training digits", f"{oc.train_error:.2e}", f"{dn.train_error:.3f}"),
+        (
+            f"uniform noise $u$ (mean $\\lVert u\\rVert^2$ = {r.noise_energy:.2f})",
+            f"{oc.noise_error:.3f}",
+            f"{dn.noise_error:.3f}",
+        ),
+        (
+            "$\\lVert J - I\\rVert_F / \\lVert I\\rVert_F$, all 64 pixels",
+            f"{oc.jacobian_error:.3f}",
+            f"{dn.jacobian_error:.3f}",
+        ),
+        (
+            f"the same on the top {r.k_kept} principal directions ({100 * r.variance_kept:.0f}% of the variance)",
+            f"**{oc.jacobian_error_data:.1e}**",
+            f"**{dn.jacobian_error_data:.3f}**",
+        ),
+        (
+            "principal directions passed with gain within 0.05 of 1",
+            f"{oc.directions_copied()} of {r.input_dim}",
+            f"{dn.directions_copied()} of {r.input_dim}",
+        ),
+        ("parameters", f"{oc.params:,}", f"{dn.params:,}"),
+    ]
+    table = "| | over-complete | denoising |\n|---|---:|---:|\n" + "".join(
+        f"| {a} | {b} | {c} |\n" for a, b, c in rows
+    )
+    ok = (
+        oc.jacobian_error_data < 0.05
+        and dn.jacobian_error_data > 0.5
+        and oc.noise_error < 0.5 * dn.noise_error
+    )
+    return (
+        f"Code of {r.code_size} units for {r.input_dim} pixels, no hidden layer "
+        f"(encoder and decoder are single affine maps); denoising noise $\\sigma = {r.noise}$; "
+        f"{r.epochs} epochs of Adam each. Errors are mean squared errors per image, summed over "
+        "pixels.\n\n"
+        + table
+        + f"\n{r.constant_pixels} pixels are 0 in every training image, so no gradient ever reaches "
+        "the weights that would copy them; they (and a few almost-constant border pixels) are why "
+        "the all-pixel Jacobian error of the copying network is not 0.\n\n"
+        f"Trained denoising gains against the optimal linear denoiser's $\\lambda_i/(\\lambda_i + "
+        f"\\sigma^2)$: largest difference {r.gain_max_deviation:.3f} on the top {r.k_kept} "
+        "directions.\n\n"
+        f"**Claim** (the over-complete AE copies — $J \\approx I$ where the data vary, small "
+        f"error on noise — and the denoising AE does not): {'holds' if ok else '**FAILS**'}.\n"
+    )
+
+
+def lesson5() -> str:
+    from pyrovae.teaching.intractable import grid_cost, intractable_lesson, plot_intractable
+
+    r = intractable_lesson(latent_dims=(1, 2), n_images=6, seed=0)
+    plot_intractable(r, FIGURES / "lesson5_intractable.png")
+    out = (
+        f"Small VAEs (MLP 64-64-$d$ encoder, mirror decoder), normal likelihood with "
+        f"$\\sigma = {r.scale}$, $\\mathcal N(0, I)$ prior; {r.n_images} test images; grid on "
+        f"$[-{r.L:g}, {r.L:g}]^d$. All values in nats per image.\n\n"
+    )
+    ok = True
+    for p in r.per_dim:
+        ref = p.refinement
+        ok &= bool(ref.converged and p.is_max_error[-1] < 0.05 and (p.elbo <= p.log_px).all())
+        steps = "".join(
+            f"| {n} | {q.evaluations:,} | {_sci(c)} | {_sci(ce)} |\n"
+            for n, q, c, ce in zip(ref.ns, ref.levels, ref.changes, ref.elbo_changes, strict=True)
+        )
+        per_image = "".join(
+            f"| {i + 1} | {lp:.4f} | {e:.4f} | {g:.4f} | {em:.4f} | {lib:.4f} |\n"
+            for i, (lp, e, g, em, lib) in enumerate(
+                zip(p.log_px, p.elbo, p.gap, p.elbo_mc, p.is_library, strict=True)
+            )
+        )
+        est = "".join(
+            f"| {k:,} | {pb:+.4f} | {pm:.4f} | {qb:+.4f} | {qm:.4f} |\n"
+            for k, pb, pm, qb, qm in zip(
+                p.ks, p.prior_bias, p.prior_max_error, p.is_bias, p.is_max_error, strict=True
+            )
+        )
+        out += (
+            f"#### Latent size $d = {p.latent_dim}$\n\n"
+            f"Quadrature refinement (largest change over the images; box $[-{r.L + 2:g}, "
+            f"{r.L + 2:g}]^d$ changes log p(x) by {p.boundary_change:.0e}):\n\n"
+            "| $n$ per axis | grid points $n^d$ | change of $\\log p(x)$ | change of ELBO |\n"
+            "|---:|---:|---:|---:|\n" + steps + "\n"
+            "| image | $\\log p(x)$, quadrature | ELBO, quadrature | $\\log p(x) - $ ELBO "
+            f"$= \\mathrm{{KL}}(q\\Vert p(z\\mid x))$ | ELBO, MC ({p.elbo_mc_particles} particles) "
+            f"| `evaluate.log_likelihood`, $K = {p.ks[-1]:,}$ |\n"
+            "|---:|---:|---:|---:|---:|---:|\n" + per_image + "\n"
+            f"Estimators against the quadrature, over {p.repeats} or more independent repeats "
+            "per $K$ (bias = mean of estimate − $\\log p(x)$; max = largest |error| over images "
+            "and repeats):\n\n"
+            "| $K$ | naive MC bias | naive MC max | IS from $q$ bias | IS from $q$ max |\n"
+            "|---:|---:|---:|---:|---:|\n" + est + "\n"
+            f"Effective sample size / $K$: proposal $q$ {p.ess_q.mean():.3f}, proposal $p(z)$ "
+            f"{p.ess_prior.mean():.3f} (mean over images).\n\n"
+        )
+    cost = "".join(
+        f"| {d} | {ev:,.0f} | {s:,.3g} s |\n"
+        for d, ev, s in zip(r.dims, r.grid_evaluations, r.projected_seconds, strict=True)
+    )
+    big = float(grid_cost(r.grid_n, 50))
+    out += (
+        f"#### Cost of the grid\n\n$n = {r.grid_n}$ points per axis reached {r.tol:g} nats in "
+        f"$d = 1, 2$; measured {r.seconds_per_point * 1e6:.1f} µs per grid point "
+        f"(decoder and likelihood of all {r.n_images} images):\n\n"
+        "| $d$ | decoder evaluations $n^d$ | projected time |\n|---:|---:|---:|\n"
+        + cost
+        + f"\nA typical VAE latent size, $d = 50$: $n^{{50}} \\approx {_tex_sci(big)}$ evaluations.\n\n"
+        f"**Claim** (quadrature stable to {r.tol:g} nats; importance sampling with $K = "
+        f"{r.per_dim[0].ks[-1]:,}$ within 0.05 nats of it; ELBO ≤ $\\log p(x)$): "
+        f"{'holds' if ok else '**FAILS**'}.\n"
+    )
+    return out
+
+
+def lesson7() -> str:
+    from pyrovae.teaching.ae_vs_vae import ae_vs_vae_lesson, plot_ae_vs_vae
+
+    r = ae_vs_vae_lesson(latent_dim=2, scale=0.3, seed=0)
+    plot_ae_vs_vae(r, FIGURES / "lesson7_ae_vs_vae.png")
+    i = r.identity
+    ident = _table(
+        [
+            ("batch", f"{i.n} test images, float64, one $z \\sim q(z\\mid x)$ each"),
+            ("$\\sigma$ (as stored by the likelihood)", f"{i.sigma:.10g}"),
+            ("mean $\\lVert x - \\hat x\\rVert^2$", f"{i.squared_error.mean():.4f}"),
+            ("mean $\\mathrm{KL}(q(z\\mid x)\\Vert\\mathcal N(0, I))$", f"{i.kl.mean():.4f}"),
+            ("$\\frac D2\\log(2\\pi\\sigma^2)$", f"{i.const:.4f}"),
+            (
+                "max per image $\\lvert$formula − Pyro model trace + `kl_divergence`$\\rvert$",
+                f"**{i.max_abs_diff:.1e}**",
+            ),
+            (
+                "$\\lvert$`TraceMeanField_ELBO().loss` − Σ formula$\\rvert$",
+                f"{i.mean_field_diff:.1e} (loss {i.mean_field_loss:.4f})",
+            ),
+            (
+                "$\\lvert$`Trace_ELBO().loss` − Σ (formula with sampled KL)$\\rvert$",
+                f"{i.trace_elbo_diff:.1e} (loss {i.trace_elbo_loss:.4f})",
+            ),
+        ]
+    )
+    a, v = r.ae_codes, r.vae_codes
+
+    def vec(x: np.ndarray) -> str:
+        return "(" + ", ".join(f"{t:.3f}" for t in x) + ")"
+
+    codes = (
+        "| | AE codes $f_\\phi(x)$ | VAE aggregate posterior $q(z)$ |\n|---|---:|---:|\n"
+        f"| mean | {vec(a.mean)} | {vec(v.mean)} |\n"
+        f"| variance | {vec(a.var)} | {vec(v.var)} |\n"
+        f"| moment-matched KL to $\\mathcal N(0, I)$ | {a.kl_to_prior:.3f} | {v.kl_to_prior:.3f} |\n"
+        f"| test codes inside the prior's 95% ball | {r.prior_mass_ae:.1%} | {r.prior_mass_vae:.1%} |\n"
+        f"| test $\\lVert x - \\hat x\\rVert^2$ | {r.ae_error:.4f} | {r.vae_error:.4f} |\n"
+    )
+    ok = (
+        i.max_abs_diff < 1e-5
+        and np.abs(v.mean).max() < 0.25
+        and np.abs(v.var - 1).max() < 0.25
+        and a.kl_to_prior > 10 * v.kl_to_prior
+    )
+    return (
+        f"An AE and a VAE with the same networks (MLP 64-128-{r.latent_dim} and mirror), "
+        f"{r.epochs} epochs each; VAE likelihood $\\mathcal N(\\mu(z), {r.sigma}^2 I)$, so its loss "
+        f"is $\\lVert x-\\hat x\\rVert^2 + {2 * r.sigma**2:.3g}\\,\\mathrm{{KL}}$ up to the factor "
+        f"$1/2\\sigma^2$ and a constant. VAE test ELBO: {r.vae_test_elbo:.3f} nats per image.\n\n"
+        "**The identity** $-\\mathrm{ELBO} = \\lVert x-\\hat x\\rVert^2/2\\sigma^2 + \\mathrm{KL} "
+        "+ \\frac D2\\log 2\\pi\\sigma^2$:\n\n"
+        + ident
+        + "\n**The codes** (training split for the moments, test split for the rest):\n\n"
+        + codes
+        + "\n**Claim** (identity to $10^{-5}$; VAE codes ≈ $\\mathcal N(0, I)$, AE codes not): "
+        + f"{'holds' if ok else '**FAILS**'}.\n"
+    )
+
+
+LESSONS: dict[str, Callable[[], str]] = {
+    "lesson1": lesson1,
+    "lesson2": lesson2,
+    "lesson3": lesson3,
+    "lesson4": lesson4,
+    "lesson5": lesson5,
+    "lesson6": lesson6,
+    "lesson7": lesson7,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,8 +58,7 @@ from torch.distributions import (
 from pyrovae.errors import PyroVAEError
 from pyrovae.evaluate import (
     MAX_ROWS,
-    _data_dim,
-    _site_log_prob,
+    data_plate_dim,
     elbo,
     evaluation_mode,
     is_scored,
@@ -68,6 +67,7 @@ from pyrovae.evaluate import (
     log_weights_with_grad,
     mean_and_se,
     reconstruction_error,
+    site_log_prob,
     trace_log_prob,
     vectorized_traces,
 )
@@ -79,6 +79,8 @@ if TYPE_CHECKING:
 
 #: Cov_x E_q[z_u | x] above this marks latent dimension u as active (Burda et al. 2016).
 ACTIVE_THRESHOLD = 0.01
+#: I(x;z) below this many nats counts as collapsed whatever the active-unit count.
+MI_COLLAPSE = 0.05
 #: PSIS k-hat thresholds (Vehtari et al. 2024).
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 
@@ -283,7 +285,7 @@ def _kl_per_dim(q, p, z: torch.Tensor) -> tuple[torch.Tensor | None, str]:
             "not available: p(z) has no closed-form per-dimension marginals (e.g. a flow prior)",
         )
     exact = _is_diagonal(q) and _is_diagonal(p)
-    note = "" if exact else "; sums to less than the total KL when q or p is not factorized"
+    note = "" if exact else "; their sum is not the total KL when q or p is not factorized"
     try:
         kl = kl_divergence(qm, pm)
         return kl.reshape(-1, *kl.shape[-2:])[0], "analytic, KL(q(z_u|x) || p(z_u))" + note
@@ -355,8 +357,8 @@ def elbo_decomposition(
             f"latent site {site!r}: expected draws of shape (K, N, d), got {tuple(z.shape)}"
         )
     recon = trace_log_prob(m, pdim, k, n, observed=True).mean(0)
-    log_q = _site_log_prob(gs, _data_dim(gs), pdim)
-    log_p = _site_log_prob(ms, _data_dim(ms), pdim)
+    log_q = site_log_prob(gs, data_plate_dim(gs), pdim)
+    log_p = site_log_prob(ms, data_plate_dim(ms), pdim)
     kl, kl_method = _kl_total(gs["fn"], ms["fn"], log_q, log_p)
     kl_dim, kl_dim_method = _kl_per_dim(gs["fn"], ms["fn"], z)
     var = _posterior_means(gs["fn"], z).var(0)
@@ -374,16 +376,18 @@ def collapse_verdict(d: ELBODecomposition) -> str:
     """A plain-words reading of the decomposition: collapsed, partly collapsed or not."""
     dim, au, kl = d.latent_dim, d.active_units, float(d.kl.mean())
     log_n = math.log(d.mi_points)
+    mi = d.mutual_information
     if au == 0 and kl < 0.05:
         s = (
             f"Posterior collapse: q(z|x) is (almost) the prior for every x (mean KL {kl:.3f} nats, "
             f"0 of {dim} latent dimensions active). The decoder ignores z; the model is a density "
             "model of x alone. Try KL warm-up, a smaller decoder, or a lower β."
         )
-    elif au == 0:
+    elif au == 0 or mi < MI_COLLAPSE:
         s = (
-            f"Posterior collapse: no latent dimension is active (0 of {dim}): q(z|x) hardly changes "
-            f"with x, so z carries almost no information about x. Its mean KL of {kl:.2f} nats is "
+            "Posterior collapse: q(z|x) hardly changes with x, so z carries almost no information "
+            f"about x ({au} of {dim} dimensions pass the active-unit test Cov_x E_q[z_u] > "
+            f"{ACTIVE_THRESHOLD}, which ignores how wide q is). The mean KL of {kl:.2f} nats is "
             "spent on q differing from the prior, not on encoding x. Train longer, use KL warm-up "
             "or a smaller decoder."
         )
@@ -419,12 +423,41 @@ class NUTSResult:
     jit: bool = False
 
 
+def _latent_transforms(model, x: torch.Tensor) -> dict[str, Any] | None:
+    """Unconstraining transforms Pyro cannot find itself: a mixture prior's support is a
+    ``MixtureSameFamilyConstraint`` (no ``biject_to``); use its components' support instead."""
+    from torch.distributions import biject_to
+
+    with poutine.block(), torch.no_grad():
+        tr = poutine.trace(model).get_trace(x)
+    out = {}
+    for name, site in tr.nodes.items():
+        if not is_scored(site) or site["is_observed"]:
+            continue
+        support = site["fn"].support
+        try:
+            biject_to(support)
+        except NotImplementedError:
+            base = getattr(support, "base_constraint", None)
+            if base is None:
+                raise
+            out[name] = biject_to(base).inv
+    return out or None
+
+
 def _run_nuts(
     model, x: torch.Tensor, site: str, num_samples: int, warmup_steps: int, jit: bool
 ) -> tuple[torch.Tensor, int]:
     from pyro.infer import MCMC, NUTS
+    from pyro.infer.autoguide.initialization import init_to_sample
 
-    kernel = NUTS(model, jit_compile=jit, ignore_jit_warnings=True)
+    kernel = NUTS(
+        model,
+        transforms=_latent_transforms(model, x),
+        init_strategy=init_to_sample,  # prior draws: over-dispersed starts, any support
+        jit_compile=jit,
+        ignore_jit_warnings=True,
+    )
     mcmc = MCMC(
         kernel,
         num_samples=num_samples,

@@ -27,6 +27,8 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 
+from pyrovae.errors import PyroVAEError
+
 if TYPE_CHECKING:
     from pyrovae.train import Run
 
@@ -38,7 +40,8 @@ MAX_ROWS = 1 << 14
 MIN_POINTS = 32
 
 
-def _site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch.Tensor:
+def site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch.Tensor:
+    """A site's log density summed over every dim except the data (and particle) plate dims."""
     lp = site["fn"].log_prob(site["value"])
     keep = {data_dim % lp.dim()} if lp.dim() else set()
     if particle_dim is not None:
@@ -47,7 +50,8 @@ def _site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch
     return lp.sum(other) if other else lp
 
 
-def _data_dim(site: dict) -> int:
+def data_plate_dim(site: dict) -> int:
+    """The (negative) dim of the site's ``pyro.plate("data")``; ``ValueError`` if it has none."""
     for frame in site["cond_indep_stack"]:
         if frame.name == DATA_PLATE:
             return frame.dim
@@ -113,7 +117,7 @@ def trace_log_prob(trace, pdim: int, num_particles: int, n: int, observed: bool 
     for site in trace.nodes.values():
         if not is_scored(site) or (observed is not None and site["is_observed"] != observed):
             continue
-        total = total + _site_log_prob(site, _data_dim(site), pdim)
+        total = total + site_log_prob(site, data_plate_dim(site), pdim)
     total = total.expand(num_particles, n) if total.dim() < 2 else total
     return total.reshape(num_particles, n)
 
@@ -241,8 +245,6 @@ def evaluate_run(
     if run.data is None:
         raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
     if iwae_samples is not None and iwae_samples < 1:
-        from pyrovae.errors import PyroVAEError
-
         raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
     m = final_metrics(run)
     m.pop("history", None)

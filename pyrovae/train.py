@@ -551,6 +551,7 @@ def final_metrics(run: Run) -> dict[str, Any]:
     model, data = run.model, run.data
     device = next(model.parameters()).device
     x_test = data.x_test.to(device)
+    was_training = model.training
     model.eval()
     out: dict[str, Any] = {"history": run.history, "units": _UNITS, "kind": run.config.model.kind}
     out["test_reconstruction_error"] = float(evaluate.reconstruction_error(model, x_test).mean())
@@ -569,7 +570,7 @@ def final_metrics(run: Run) -> dict[str, Any]:
             out["test_loss"] = sum(
                 float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)
             ) / len(x_test)
-    model.train()
+    model.train(was_training)
     return out
 
 

@@ -155,6 +155,8 @@ def test_decomposition_of_vaes_with_mixture_prior_and_flow_guide():
         "Monte Carlo"
     )
     assert dec.kl_per_dim.shape == (40, 3) and torch.isfinite(dec.elbo).all()
+    nuts = D.nuts_posterior(mix.model, x[:1], num_samples=10, warmup_steps=10, num_chains=2)
+    assert nuts.z.shape == (2, 10, 1, 3)  # a mixture prior's support has no biject_to: handled
     flow = _vae(guide={"kind": "flow", "layers": 1})
     dec = D.elbo_decomposition(flow.model, flow.guide, x, num_particles=8)
     assert dec.kl_per_dim is None and "not available" in dec.kl_per_dim_method
