@@ -56,22 +56,21 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import train_speed as ts  # noqa: E402  (sets sys.path for pyrovae too)
-
 import pyro  # noqa: E402
 import pyro.infer.elbo  # noqa: E402
 import pyro.infer.enum  # noqa: E402
 import pyro.infer.trace_elbo  # noqa: E402
 import pyro.infer.trace_mean_field_elbo  # noqa: E402
 import pyro.poutine.messenger  # noqa: E402
+import pyro.poutine.runtime  # noqa: E402
 import pyro.poutine.subsample_messenger  # noqa: E402
 import pyro.poutine.trace_messenger  # noqa: E402
-import pyro.poutine.runtime  # noqa: E402
-import pyro.primitives  # noqa: E402
 import pyro.poutine.trace_struct  # noqa: E402
+import pyro.primitives  # noqa: E402
 import pyro.util  # noqa: E402
 import torch  # noqa: E402
 import torch.distributions as td  # noqa: E402
+import train_speed as ts  # noqa: E402  (sets sys.path for pyrovae too)
 
 import pyrovae  # noqa: E402
 
@@ -244,7 +243,7 @@ def print_breakdown(res: dict) -> None:
     pv, hw = res["pyrovae_ms"], res["handwritten_ms"]
     tot = pv["total"]
     print(f"one training step, median over {res['steps']} steps, {res['threads']} threads; variant {res['variant']!r}")
-    print(f"(components are exclusive times; medians of components need not add up exactly to the median total)")
+    print("(components are exclusive times; medians of components need not add up exactly to the median total)")
     print(f"{'component':28s} {'pyrovae ms':>10s} {'% of step':>9s} {'handwritten ms':>14s} {'extra ms':>9s}")
     for k in ORDER:
         if pv[k] == 0 and hw[k] == 0:

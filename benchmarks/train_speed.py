@@ -16,22 +16,29 @@ Reported, per variant:
   shared machine (other jobs running) this is the least contaminated estimate; when the two
   disagree, trust a quiet-machine run.
 
-Variants (``--variants``, comma-separated; ``all`` for every one):
+Variants (``--variants``, comma-separated; ``all`` for the main ones; default
+``handwritten,pyrovae,mean_field,lean,lean_plus``):
 
-==================  ==============================================================================
-``handwritten``     the reference (``handwritten_vae.py``), default ``torch.optim.Adam``
-``handwritten_fused`` the reference with ``Adam(fused=True)`` (to compare like with like)
-``pyrovae``         ``pyrovae.train.Trainer`` as it is, ``objective = "trace_elbo"``
-``mean_field``      the trainer with ``objective = "mean_field"`` (``TraceMeanField_ELBO``)
-``jit``             ``JitTrace_ELBO`` (parameters through the param store, as JIT requires)
-``jit_mean_field``  ``JitTraceMeanField_ELBO``
-``no_validation``   the trainer with ``pyro.enable_validation(False)`` (measures validation's cost)
-``lean``            PROPOSED: ``LeanTrace_ELBO`` (below) + validate-once likelihood; same loss
-``lean_fused``      ``lean`` + ``torch.optim.Adam(fused=True)``
-``lean_compiled``   ``lean_fused`` + ``torch.compile`` of encoder and decoder (compile time reported)
-``pure_trace``      no Pyro at all: the same networks and the same estimator as ``Trace_ELBO``
-                    written as tensor code (a floor for any Pyro-side fix)
-==================  ==============================================================================
+=======================  ==========================================================================
+``handwritten``          the reference (``handwritten_vae.py``), default ``torch.optim.Adam``
+``handwritten_fused``    the reference with ``Adam(fused=True)`` (like-for-like with ``*_fused``)
+``handwritten_foreach``  the reference with ``Adam(foreach=True)``
+``pyrovae``              ``pyrovae.train.Trainer`` as it is, ``objective = "trace_elbo"``
+``mean_field``           the trainer with ``objective = "mean_field"`` (``TraceMeanField_ELBO``)
+``jit``                  ``JitTrace_ELBO`` (parameters through the param store, as JIT requires)
+``jit_mean_field``       ``JitTraceMeanField_ELBO``
+``no_validation``        the trainer under ``pyro.enable_validation(False)`` (validation's cost)
+``pyrovae_fused``        the trainer with ``Adam(fused=True)`` only
+``pyrovae_foreach``      the trainer with ``Adam(foreach=True)`` only
+``lean``                 PROPOSED, bit-identical: ``LeanTrace_ELBO`` (below) + the likelihood built
+                         with ``validate_args=False`` (data checked once) + plate ``device=``
+``lean_foreach``         ``lean`` + ``Adam(foreach=True)`` (bit-identical)
+``lean_fused``           ``lean`` + ``Adam(fused=True)`` (same loss within float rounding)
+``lean_plus``            ``lean_fused`` + ``index_select`` batches + the N(0, I) prior built once
+``lean_compiled``        ``lean_fused`` + ``torch.compile`` of encoder and decoder (compile = setup)
+``pure_trace``           no Pyro at all: the same networks and the same estimator as ``Trace_ELBO``
+                         as plain tensor code (a floor for any Pyro-side fix)
+=======================  ==========================================================================
 
 Modes::
 
@@ -51,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 import json
 import math
 import os
@@ -61,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +79,7 @@ for p in (str(HERE), str(ROOT)):
 
 import pyro  # noqa: E402
 import torch  # noqa: E402
+from handwritten_vae import HandwrittenTrainer  # noqa: E402
 from pyro import poutine  # noqa: E402
 from pyro.distributions.util import scale_and_mask  # noqa: E402
 from pyro.infer.util import is_validation_enabled  # noqa: E402
@@ -79,15 +87,14 @@ from pyro.poutine.util import site_is_subsample  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import pyrovae  # noqa: E402
-from handwritten_vae import HandwrittenTrainer  # noqa: E402
 from pyrovae.objectives import kl_scale  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
 DEFAULT_ROOT = str((ROOT / ".." / "shared" / "data" / "mnist").resolve())
-DEFAULT_VARIANTS = "handwritten,pyrovae,mean_field,lean"
+DEFAULT_VARIANTS = "handwritten,pyrovae,mean_field,lean,lean_plus"
 ALL_VARIANTS = (
     "handwritten,handwritten_fused,pyrovae,mean_field,jit,jit_mean_field,no_validation,"
-    "lean,lean_fused,lean_compiled,pure_trace"
+    "pyrovae_fused,lean,lean_fused,lean_plus,lean_compiled,pure_trace"
 )
 
 
@@ -137,14 +144,13 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
 
     @staticmethod
     def _signature(model_trace, guide_trace) -> tuple:
-        def sig(tr):
-            return tuple(
-                (name, tuple(site["value"].shape) if torch.is_tensor(site["value"]) else None,
-                 tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]))
-                for name, site in tr.nodes.items() if site["type"] == "sample"
-            )
-
-        return sig(model_trace), sig(guide_trace)
+        """Site names, value shapes and plates: what the structural checks depend on."""
+        return tuple(
+            (name, site["value"].shape if torch.is_tensor(site["value"]) else None, site["cond_indep_stack"])
+            for tr in (model_trace, guide_trace)
+            for name, site in tr.nodes.items()
+            if site["type"] == "sample"
+        )
 
     def _validate_once(self, model_trace, guide_trace) -> None:
         """Trace_ELBO's per-step structural checks, run once per new trace structure."""
@@ -407,7 +413,8 @@ def patch_compiled(tr: Trainer) -> None:
     vae.decoder = torch.compile(vae.decoder, dynamic=False)
     tr.opt = torch.optim.Adam(vae.parameters(), lr=tr.lr, fused=True)
     tr.perm = torch.randperm(tr.n, generator=tr.gen, device=tr.device)
-    for s in range(3):  # trigger compilation (forward + backward graphs); no optimizer step
+    n_batches = math.ceil(tr.n / tr.config.train.batch_size)
+    for s in (0, 1, n_batches - 1):  # compile forward+backward for the full and the last, smaller batch
         tr._loss(tr._batch(s)).backward()
     tr.opt.zero_grad(set_to_none=True)
 
@@ -455,6 +462,8 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_pure_trace)
     if name == "lean_plus":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_lean_plus)
+    if name == "lean_foreach":
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: (patch_lean(tr), patch_foreach(tr)))
     if name == "pyrovae_foreach":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_foreach)
     if name == "handwritten_foreach":
@@ -463,7 +472,7 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return r
     if name == "pyrovae_fused":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=patch_fused)
-    raise SystemExit(f"unknown variant {name!r}; choose from {ALL_VARIANTS},pyrovae_fused")
+    raise SystemExit(f"unknown variant {name!r}; choose from {ALL_VARIANTS},handwritten_foreach,pyrovae_foreach,lean_foreach")
 
 
 # =============================================================================================
@@ -580,6 +589,52 @@ def check_losses(variants: list[str], data, cfg_for, device, steps: int = 20) ->
     return out
 
 
+def check_lean_equivalence() -> list[dict]:
+    """``LeanTrace_ELBO`` (+ validate-once likelihood) against ``Trace_ELBO`` on every prior,
+    likelihood and guide kind, with β-scaling and β = 0 (mask): loss and every gradient compared
+    bit for bit, same seed, on random 8x8 data."""
+    cases = [("normal", "bernoulli", "normal", 1.0)]
+    cases += [(p, "bernoulli", "normal", 1.0) for p in ("normal_learned", "mixture", "vamp", "flow")]
+    cases += [("normal", lik, "normal", 1.0) for lik in ("continuous_bernoulli", "normal", "laplace", "poisson", "negative_binomial")]
+    cases += [("normal", "bernoulli", "flow", 1.0), ("normal", "bernoulli", "normal", 0.3), ("normal", "bernoulli", "normal", 0.0)]
+    rows = []
+    for prior, lik, guide, beta in cases:
+        cfg = pyrovae.load_config({"model": {"latent_dim": 3, "prior": {"kind": prior}, "likelihood": {"kind": lik},
+                                             "guide": {"kind": guide}, "encoder": {"kind": "mlp", "hidden": [16]},
+                                             "decoder": {"kind": "mlp", "hidden": [16]}}})
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(20, 64, generator=g)
+        if lik == "bernoulli":
+            x = x.round()
+        elif lik in ("poisson", "negative_binomial"):
+            x = (x * 5).floor()
+        results = []
+        for lean in (False, True):
+            pyro.set_rng_seed(0)
+            vae = pyrovae.build_model(cfg, (1, 8, 8))
+            vae.register_params = False
+            vae.kl_scale = beta
+            elbo = pyro.infer.Trace_ELBO(max_plate_nesting=1)
+            if lean:
+                elbo = LeanTrace_ELBO(max_plate_nesting=1)
+                trust_checked_data(vae)
+            pyro.set_rng_seed(1)
+            losses, grads = [], []
+            for _ in range(2):  # second call: validation already done once
+                vae.zero_grad(set_to_none=True)
+                loss = elbo.differentiable_loss(vae.model, vae.guide, x[:8], 20) / 20
+                loss.backward()
+                losses.append(loss.item())
+                grads.append([None if p.grad is None else p.grad.clone() for p in vae.parameters()])
+            results.append((losses, grads))
+        (l0, g0), (l1, g1) = results
+        same_grads = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                         for ga, gb in zip(g0, g1, strict=True) for a, b in zip(ga, gb, strict=True))
+        rows.append({"prior": prior, "likelihood": lik, "guide": guide, "beta": beta,
+                     "loss_identical": l0 == l1, "grads_identical": same_grads, "losses": l0})
+    return rows
+
+
 # =============================================================================================
 # Environment
 # =============================================================================================
@@ -622,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=DEFAULT_ROOT, help="folder with the four MNIST IDX files")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, or 'all' ({ALL_VARIANTS})")
     p.add_argument("--steps", type=int, default=150, help="steps per variant per repeat (default 150)")
-    p.add_argument("--block", type=int, default=10, help="steps per interleaved block (default 10)")
+    p.add_argument("--block", type=int, default=5, help="steps per interleaved block (default 5)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--epochs", type=int, default=0, help="time whole epochs instead of --steps (Trainer._run_epoch)")
@@ -654,13 +709,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.check:
         res = check_losses(variants, data, cfg_factory(a.batch_size, a.latent_dim), device)
+        eq = check_lean_equivalence()
         if a.json:
-            print(json.dumps({"check": res, **env}))
+            print(json.dumps({"check": res, "lean_equivalence": eq, **env}))
         else:
             print("losses over 20 steps from the same seed (nats per datapoint)")
             for name, row in res.items():
                 extra = f"  max |diff| vs pyrovae {row['max_abs_diff_vs_pyrovae']:.3g}  identical={row['identical_to_pyrovae']}" if "max_abs_diff_vs_pyrovae" in row else ""
                 print(f"{name:18s} first {row['losses'][0]:.4f} last {row['losses'][-1]:.4f}{extra}")
+            print("LeanTrace_ELBO vs Trace_ELBO (loss and all gradients, bit for bit, two steps):")
+            for row in eq:
+                print(f"  prior {row['prior']:15s} likelihood {row['likelihood']:20s} guide {row['guide']:7s} beta {row['beta']:.1f}: "
+                      f"loss identical {row['loss_identical']}, gradients identical {row['grads_identical']}")
         return 0
 
     if a.batch_sizes or a.latent_dims:

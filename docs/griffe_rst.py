@@ -126,3 +126,8 @@ class RstToMarkdown(griffe.Extension):
     def on_object(self, *, obj: Any, loader: Any, **kwargs: Any) -> None:  # noqa: ARG002
         if obj.docstring is not None:
             obj.docstring.value = rst_to_markdown(obj.docstring.value)
+
+    def on_package(self, *, pkg: Any, loader: Any, **kwargs: Any) -> None:  # noqa: ARG002
+        """The package's own docstring (``on_object`` is not called for the root)."""
+        if pkg.docstring is not None:
+            pkg.docstring.value = rst_to_markdown(pkg.docstring.value)

@@ -141,6 +141,10 @@ def test_errors():
         intractable_lesson(latent_dims=(4,))
     with pytest.raises(ConfigError):
         trapezoid_grid(0.0, 5, 1)
+    cfg = pyrovae.load_config({"model": {"guide": {"kind": "flow"}}})
+    flow_vae = pyrovae.build_model(cfg, (4,)).double()
+    with pytest.raises(ConfigError):
+        quadrature(flow_vae, torch.rand(2, 4, dtype=torch.float64), n=5)
 
 
 def test_figure(lesson, tmp_path):

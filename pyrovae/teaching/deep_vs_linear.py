@@ -98,7 +98,7 @@ def fit_quietly(config: dict[str, Any], workdir: str | Path | None = None) -> An
 def ae_config(
     variant: str,
     code_size: int,
-    hidden: Sequence[int] = (256, 128),
+    hidden: Sequence[int] = (128, 64),
     epochs: int = 60,
     lr: float = 3e-3,
     batch_size: int = 64,
@@ -248,7 +248,7 @@ class DeepVsLinearResult:
 
 def deep_vs_linear_lesson(
     code_sizes: Sequence[int] = (2, 8),
-    hidden: Sequence[int] = (256, 128),
+    hidden: Sequence[int] = (128, 64),
     epochs: int = 60,
     lr: float = 3e-3,
     batch_size: int = 64,
