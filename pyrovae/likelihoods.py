@@ -5,16 +5,14 @@ The decoder outputs ``params_per_feature`` raw numbers per data feature, shaped
 with ``event_shape == (D,)``. Each likelihood also checks, once per dataset, that the data lies in
 its support, so that Pyro's validation (which stays on) never has to fail deep inside a step.
 
-=========================  ==================================================  ===============
-kind                        density                                             data
-=========================  ==================================================  ===============
-``bernoulli``               :math:`\prod_d \lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`   binary {0, 1}
-``continuous_bernoulli``    :math:`\prod_d C(\lambda_d)\lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`  [0, 1]
-``normal``                  :math:`\prod_d \mathcal N(x_d; \mu_d, \sigma^2)`     real
-``laplace``                 :math:`\prod_d \tfrac{1}{2b} e^{-|x_d-\mu_d|/b}`    real
-``poisson``                 :math:`\prod_d \mathrm{Poisson}(x_d; r_d)`          counts
-``negative_binomial``       :math:`\prod_d \mathrm{NB}(x_d; r_d, p_d)`, :math:`r_d` learned  counts
-=========================  ==================================================  ===============
+* ``bernoulli`` — :math:`\prod_d \lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`; binary data {0, 1}.
+* ``continuous_bernoulli`` — :math:`\prod_d C(\lambda_d)\lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`;
+  grey levels in [0, 1].
+* ``normal`` — :math:`\prod_d \mathcal N(x_d; \mu_d, \sigma^2)`; real values.
+* ``laplace`` — :math:`\prod_d \tfrac{1}{2b} e^{-|x_d-\mu_d|/b}`; real values, robust.
+* ``poisson`` — :math:`\prod_d \mathrm{Poisson}(x_d; r_d)`; counts.
+* ``negative_binomial`` — :math:`\prod_d \mathrm{NB}(x_d; r_d, p_d)` with learned
+  :math:`r_d`; over-dispersed counts.
 """
 
 from __future__ import annotations

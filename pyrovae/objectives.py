@@ -1,12 +1,11 @@
 r"""Training objectives: which ``pyro.infer`` ELBO, and the β / KL warm-up schedule.
 
-==============  ====================================================================  ===========================
-``objective``   estimator                                                             Pyro class
-==============  ====================================================================  ===========================
-``trace_elbo``  :math:`\frac1K\sum_k \log p(x,z_k) - \log q(z_k|x)`, :math:`z_k\sim q`    ``Trace_ELBO``
-``mean_field``  :math:`E_q\log p(x|z) - \mathrm{KL}(q\|p)`, KL analytic where registered   ``TraceMeanField_ELBO``
-``iwae``        :math:`\log \frac1K\sum_k p(x,z_k)/q(z_k|x)` (Burda et al. 2015)         ``RenyiELBO(alpha=0)``
-==============  ====================================================================  ===========================
+* ``trace_elbo`` (``Trace_ELBO``): :math:`\frac1K\sum_k \log p(x,z_k) - \log q(z_k|x)`,
+  :math:`z_k\sim q`;
+* ``mean_field`` (``TraceMeanField_ELBO``): :math:`E_q\log p(x|z) - \mathrm{KL}(q\|p)` with the
+  KL analytic where registered;
+* ``iwae`` (``RenyiELBO(alpha=0)``): :math:`\log \frac1K\sum_k p(x,z_k)/q(z_k|x)`
+  (Burda et al. 2015).
 
 All three are per-datapoint bounds on :math:`\log p(x)`; ``RenyiELBO`` keeps the plates shared by
 all sites, so with ``pyro.plate("data")`` the IWAE bound is taken per datapoint (BRIEF §5).
