@@ -167,8 +167,12 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         self._validated = key
 
     @staticmethod
-    def _score(site) -> torch.Tensor:
-        lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    def _score(trace, site) -> torch.Tensor:
+        try:
+            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:  # as Trace.compute_log_prob: name the site, show the shapes
+            shapes = trace.format_shapes(last_site=site["name"])
+            raise ValueError(f"Error while computing log_prob at site '{site['name']}':\n{e}\n{shapes}") from e
         lp = site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
         site["log_prob_sum"] = lp = lp.sum()
         return lp
@@ -185,11 +189,11 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         elbo, surrogate = 0, 0
         for site in model_trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
-                lp = self._score(site)
+                lp = self._score(model_trace, site)
                 elbo = elbo + lp.item()
                 surrogate = surrogate + lp
         for site in guide_sites:
-            lp = self._score(site)
+            lp = self._score(guide_trace, site)
             elbo = elbo - lp.item()
             surrogate = surrogate - lp
         if is_validation_enabled():

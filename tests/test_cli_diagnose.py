@@ -9,19 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_config
 
 from pyrovae.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread avoids OpenMP contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

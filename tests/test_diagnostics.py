@@ -16,15 +16,6 @@ from pyrovae.model import VAE
 from pyrovae.teaching import ppca as P
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ppca():
     return P.PPCA.random(D=5, k=2, sigma=0.5, seed=1)

@@ -15,15 +15,6 @@ from pyrovae.evaluate import elbo, evaluate_run, log_likelihood, log_weights
 from pyrovae.teaching import ppca as P
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ppca():
     return P.PPCA.random(D=5, k=2, sigma=0.5, seed=1)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tomli_w
-import tomllib
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

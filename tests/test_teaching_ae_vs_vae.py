@@ -16,14 +16,6 @@ from pyrovae.teaching.ae_vs_vae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lesson():
     return ae_vs_vae_lesson(latent_dim=2, scale=0.3, seed=0)

@@ -15,15 +15,6 @@ from pyrovae.teaching.deep_vs_linear import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small networks: extra intra-op threads only add latency on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lesson():
     return deep_vs_linear_lesson(code_sizes=(2, 8), seed=0)

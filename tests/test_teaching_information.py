@@ -23,16 +23,6 @@ from pyrovae.teaching.information import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny-tensor workloads: extra intra-op threads only add wake-up latency
-    (10x slower on a loaded 2-core machine), so run them on one thread and restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lesson():
     return information_lesson(seed=0)

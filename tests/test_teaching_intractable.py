@@ -24,14 +24,6 @@ from pyrovae.teaching.intractable import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lesson():
     return intractable_lesson(latent_dims=(1, 2), n_images=6, seed=0)

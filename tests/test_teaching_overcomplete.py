@@ -17,14 +17,6 @@ from pyrovae.teaching.overcomplete import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lesson():
     return overcomplete_lesson(code_size=100, noise=0.3, seed=0)

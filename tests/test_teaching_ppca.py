@@ -38,16 +38,6 @@ from pyrovae.teaching.vi_identity import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny-tensor workloads: extra intra-op threads only add wake-up latency
-    (10x slower on a loaded 2-core machine), so run them on one thread and restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def ppca():
     return PPCA.random(D=6, k=2, sigma=0.7, seed=3)
