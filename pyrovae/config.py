@@ -9,11 +9,11 @@ dotted name of the key and the allowed values; every value can be overridden wit
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pyrovae.data import DataConfig
