@@ -52,6 +52,9 @@ class Likelihood(nn.Module):
     def __init__(self, spec: Spec, dim: int) -> None:
         super().__init__()
         self.spec, self.dim = spec, dim
+        #: ``None``: Pyro's global validation setting. ``False`` while the data were already
+        #: checked by :meth:`check_data` (the trainer sets it; see ``VAE.trusted_data``).
+        self.validate_args: bool | None = None
 
     def forward(self, raw: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
         raise NotImplementedError
@@ -98,7 +101,7 @@ class Bernoulli(_Binary):
         kind: Literal["bernoulli"] = "bernoulli"
 
     def forward(self, raw):
-        return dist.Bernoulli(logits=raw[..., 0, :]).to_event(1)
+        return dist.Bernoulli(logits=raw[..., 0, :], validate_args=self.validate_args).to_event(1)
 
     def mean(self, raw):
         return torch.sigmoid(raw[..., 0, :])
@@ -130,7 +133,9 @@ class ContinuousBernoulli(_UnitInterval):
         kind: Literal["continuous_bernoulli"] = "continuous_bernoulli"
 
     def forward(self, raw):
-        return dist.ContinuousBernoulli(logits=raw[..., 0, :]).to_event(1)
+        return dist.ContinuousBernoulli(
+            logits=raw[..., 0, :], validate_args=self.validate_args
+        ).to_event(1)
 
 
 class _LocationScale(Likelihood):
@@ -149,7 +154,9 @@ class _LocationScale(Likelihood):
         return self.log_scale.exp() if self.spec.scale == "learned" else self.fixed_scale
 
     def forward(self, raw):
-        return self.family(raw[..., 0, :], self.scale()).to_event(1)
+        return self.family(raw[..., 0, :], self.scale(), validate_args=self.validate_args).to_event(
+            1
+        )
 
     def mean(self, raw):
         return raw[..., 0, :]
@@ -199,7 +206,8 @@ class Poisson(_Counts):
         kind: Literal["poisson"] = "poisson"
 
     def forward(self, raw):
-        return dist.Poisson(softplus(raw[..., 0, :]) + 1e-6).to_event(1)
+        rate = softplus(raw[..., 0, :]) + 1e-6
+        return dist.Poisson(rate, validate_args=self.validate_args).to_event(1)
 
 
 @LIKELIHOODS.register
@@ -216,7 +224,9 @@ class NegativeBinomial(_Counts):
 
     def forward(self, raw):
         total = softplus(self.raw_total_count) + 1e-4
-        return dist.NegativeBinomial(total_count=total, logits=raw[..., 0, :]).to_event(1)
+        return dist.NegativeBinomial(
+            total_count=total, logits=raw[..., 0, :], validate_args=self.validate_args
+        ).to_event(1)
 
 
 def build_likelihood(spec: Spec, dim: int) -> Likelihood:

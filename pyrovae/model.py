@@ -83,7 +83,7 @@ class VAE(nn.Module):
         idx = self._index_cache.get(key)
         if idx is None:
             idx = self._index_cache[key] = torch.arange(b, device=x.device)
-        return pyro.plate("data", n_data, subsample=idx)
+        return pyro.plate("data", n_data, subsample=idx, device=x.device)
 
     def model(self, x: torch.Tensor, n_data: int | None = None) -> torch.Tensor:
         """p(x, z) = p(z) p(x|z); ``x`` is observed. Returns the sampled ``z``."""
@@ -105,6 +105,17 @@ class VAE(nn.Module):
             q = self.posterior(x)
             with self._kl_weight():
                 return pyro.sample("z", q)
+
+    @contextlib.contextmanager
+    def trusted_data(self):
+        """Skip the per-step support check of observed ``x`` (the trainer checked every split once
+        with ``likelihood.check_data``); guide and prior arguments are still validated."""
+        old = self.likelihood.validate_args
+        self.likelihood.validate_args = False
+        try:
+            yield
+        finally:
+            self.likelihood.validate_args = old
 
     def _kl_weight(self):
         """β on the latent site: ``poutine.scale`` (β > 0), ``poutine.mask(False)`` (β = 0)."""

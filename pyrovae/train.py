@@ -17,6 +17,7 @@ Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -165,7 +166,12 @@ class Trainer:
         self.x_val = data.x_val.to(self.device)
         self.n = self.x_train.shape[0]
         self.lr = t.lr
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=self.lr, **_adam_kwargs(self.device)
+        )
+        #: fit() sets this once every split passed ``likelihood.check_data``: the per-step
+        #: support check of observed x is then skipped (``VAE.trusted_data``)
+        self.data_checked = False
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
         self.history: list[dict[str, Any]] = []
         self.epoch, self.step_in_epoch, self.perm = 0, 0, None
@@ -250,7 +256,7 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
     def _batch(self, s: int) -> torch.Tensor:
         b = self.config.train.batch_size
-        x = self.x_train[self.perm[s * b : (s + 1) * b]]
+        x = self.x_train.index_select(0, self.perm[s * b : (s + 1) * b])
         if self.data.binarize == "dynamic":
             x = torch.bernoulli(x, generator=self.gen)
         return x
@@ -283,6 +289,12 @@ class Trainer:
         n_batches = math.ceil(self.n / t.batch_size)
         if self.perm is None:
             self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
+        trusted = self.is_vae and self.data_checked
+        with self.model.trusted_data() if trusted else contextlib.nullcontext():
+            return self._run_steps(n_batches)
+
+    def _run_steps(self, n_batches: int) -> tuple[float, bool]:
+        t = self.config.train
         total, count = 0.0, 0
         bar = tqdm(
             range(self.step_in_epoch, n_batches),
@@ -402,6 +414,12 @@ class Trainer:
         )
 
 
+def _adam_kwargs(device: torch.device) -> dict[str, Any]:
+    """Fused Adam (one kernel for all parameters) on CPU and CUDA: the same update up to float
+    rounding, ~0.7 ms less per step for the 784-400-50 VAE (docs/benchmarks.md)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 class _NonFinite(Exception):
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(f"non-finite loss {value} at epoch {epoch}, step {step}")
@@ -516,6 +534,7 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     trainer = Trainer(cfg, out, data, model, progress)
+    trainer.data_checked = True
     try:
         if state is not None:
             trainer.restore(state, ckpt)
