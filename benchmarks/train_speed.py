@@ -80,10 +80,7 @@ for p in (str(HERE), str(ROOT)):
 import pyro  # noqa: E402
 import torch  # noqa: E402
 from handwritten_vae import HandwrittenTrainer  # noqa: E402
-from pyro import poutine  # noqa: E402
-from pyro.distributions.util import scale_and_mask  # noqa: E402
 from pyro.infer.util import is_validation_enabled  # noqa: E402
-from pyro.poutine.util import site_is_subsample  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import pyrovae  # noqa: E402
@@ -115,100 +112,8 @@ def bench_config(root: str, batch_size: int = 128, latent_dim: int = 50, objecti
 # =============================================================================================
 # Prototypes of the proposed pyrovae changes (applied by monkeypatching, nothing in pyrovae/ edited)
 # =============================================================================================
-class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
-    """``Trace_ELBO`` with the same loss and gradient, minus the generic per-step machinery.
-
-    Still runs the Pyro program: the guide under ``poutine.trace`` and the model under
-    ``poutine.trace(poutine.replay(model, guide_trace))``, and scores each sample site with its own
-    distribution, scaled by its plates (``scale_and_mask``). What it drops, for the case where every
-    guide site is reparameterized and there is one particle:
-
-    * ``prune_subsample_sites`` (two trace copies per step): subsample sites are skipped instead;
-    * ``compute_score_parts`` / ``ScoreParts`` objects: for reparameterized sites the surrogate
-      term is the log-density itself (``entropy_term == log_prob``), so it is used directly;
-    * the structural validation (``check_model_guide_match``, ``check_site_shape``,
-      ``check_if_enumerated``) runs when the trace structure (site names, shapes, plates) is new,
-      i.e. on the first step, instead of every step;
-    * ``warn_if_nan``/``warn_if_inf`` on every site (each registers a backward hook): the trainer
-      already stops on a non-finite loss; here the sites are examined only when the loss is not finite.
-
-    Anything else (score-function guide sites, enumeration, several particles) falls back to
-    ``Trace_ELBO.differentiable_loss``. The returned tensor is computed exactly as Trace_ELBO does
-    (``-elbo + (surrogate - surrogate.item())``, same summation order), so losses and gradients are
-    bit-identical.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._validated: object = None
-
-    @staticmethod
-    def _signature(model_trace, guide_trace) -> tuple:
-        """Site names, value shapes and plates: what the structural checks depend on."""
-        return tuple(
-            (name, site["value"].shape if torch.is_tensor(site["value"]) else None, site["cond_indep_stack"])
-            for tr in (model_trace, guide_trace)
-            for name, site in tr.nodes.items()
-            if site["type"] == "sample"
-        )
-
-    def _validate_once(self, model_trace, guide_trace) -> None:
-        """Trace_ELBO's per-step structural checks, run once per new trace structure."""
-        from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
-
-        key = self._signature(model_trace, guide_trace)
-        if key == self._validated:
-            return
-        check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-        check_if_enumerated(guide_trace)
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                check_site_shape(site, self.max_plate_nesting)
-        self._validated = key
-
-    @staticmethod
-    def _score(trace, site) -> torch.Tensor:
-        try:
-            lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as e:  # as Trace.compute_log_prob: name the site, show the shapes
-            shapes = trace.format_shapes(last_site=site["name"])
-            raise ValueError(f"Error while computing log_prob at site '{site['name']}':\n{e}\n{shapes}") from e
-        lp = site["log_prob"] = scale_and_mask(lp, site["scale"], site["mask"])
-        site["log_prob_sum"] = lp = lp.sum()
-        return lp
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        if self.num_particles != 1 or self.vectorize_particles:
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
-        if any(not getattr(s["fn"], "has_rsample", False) or s["infer"].get("enumerate") for s in guide_sites):
-            return super().differentiable_loss(model, guide, *args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        # same summation order as Trace_ELBO._differentiable_loss_particle: model sites, then guide sites
-        elbo, surrogate = 0, 0
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                lp = self._score(model_trace, site)
-                elbo = elbo + lp.item()
-                surrogate = surrogate + lp
-        for site in guide_sites:
-            lp = self._score(guide_trace, site)
-            elbo = elbo - lp.item()
-            surrogate = surrogate - lp
-        if is_validation_enabled():
-            self._validate_once(model_trace, guide_trace)
-        loss = -elbo
-        if not math.isfinite(loss) and is_validation_enabled():
-            from pyro.util import warn_if_inf, warn_if_nan
-
-            for tr in (model_trace, guide_trace):
-                for name, site in tr.nodes.items():
-                    if "log_prob_sum" in site:
-                        warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
-                        warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
-        surrogate_loss = -surrogate
-        return loss + (surrogate_loss - surrogate_loss.item())
+# LeanTrace_ELBO was prototyped here and now ships in pyrovae.objectives (the trainer's default).
+from pyrovae.objectives import LeanTrace_ELBO  # noqa: E402
 
 
 @contextlib.contextmanager
