@@ -73,10 +73,16 @@ class HandwrittenTrainer:
             x = torch.bernoulli(x, generator=self.gen)
         return x
 
-    def step(self, x: torch.Tensor) -> float:
+    def step(self, x: torch.Tensor) -> float | torch.Tensor:
+        """One Adam step. On CPU the loss is read (a float) and a non-finite one skips the update;
+        elsewhere the detached loss tensor is returned unread (no host synchronization), as
+        pyrovae's trainer does."""
         self.opt.zero_grad(set_to_none=True)
         loss = self.model.loss(x)
         loss.backward()
+        if self.x_train.device.type != "cpu":
+            self.opt.step()
+            return loss.detach()
         value = loss.item()
         if math.isfinite(value):
             self.opt.step()
@@ -87,7 +93,7 @@ class HandwrittenTrainer:
         total = 0.0
         for s in range(start, start + count):
             total += self.step(self.batch(s))
-        return total / max(count, 1)
+        return float(total) / max(count, 1)
 
     def run_epoch(self) -> float:
         self.new_epoch()

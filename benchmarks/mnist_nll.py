@@ -52,49 +52,80 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
 
         shutil.rmtree(out)  # a fresh run each time the benchmark is started
     x_curve = data.x_test[: args.curve_points]
-    curve, epochs, start, spent = [], 0, time.perf_counter(), 0.0
+    curve, epochs, spent, chunk = [], 0, 0.0, 0.0
     run = None
-    while spent < args.minutes * 60:
+    # stop before a chunk that would end past the budget (estimated from the last chunk)
+    while spent + chunk <= args.minutes * 60:
         epochs += args.chunk_epochs
         cfg.train.epochs = epochs
         t0 = time.perf_counter()
         run = pyrovae.fit(
             cfg, out, resume=epochs > args.chunk_epochs, progress=False, data=data, figures=False
         )
-        spent += time.perf_counter() - t0
-        mean, se = nll(run, x_curve, args.curve_k)
-        curve.append(
-            {
-                "epochs": epochs,
-                "train_minutes": spent / 60,
-                "test_nll": mean,
-                "se": se,
-                "k": args.curve_k,
-                "points": len(x_curve),
-                "val_elbo": run.history[-1]["val_elbo"],
-            }
-        )
+        chunk = time.perf_counter() - t0
+        spent += chunk
+        point = {
+            "epochs": epochs,
+            "train_minutes": spent / 60,
+            "val_elbo": run.history[-1]["val_elbo"],
+        }
+        if args.curve_k > 0:
+            mean, se = nll(run, x_curve, args.curve_k)
+            point.update(test_nll=mean, se=se, k=args.curve_k, points=len(x_curve))
+        curve.append(point)
         print(
-            f"[{name}] {epochs} epochs, {spent / 60:.1f} min: test NLL (K={args.curve_k}, {len(x_curve)} pts) {mean:.2f} ± {se:.2f}; val ELBO {run.history[-1]['val_elbo']:.2f}",
+            f"[{name}] {epochs} epochs, {spent / 60:.1f} min: "
+            + (
+                f"test NLL (K={args.curve_k}, {len(x_curve)} pts) {point['test_nll']:.2f} ± {point['se']:.2f}; "
+                if args.curve_k > 0
+                else ""
+            )
+            + f"val ELBO {point['val_elbo']:.2f}",
             flush=True,
         )
-    x_eval = data.x_test[: args.eval_points]
-    t0 = time.perf_counter()
-    mean, se = nll(run, x_eval, args.eval_k)
-    elbo = float(-evaluate.elbo(run.model.model, run.model.guide, x_eval, batch_size=1000).mean())
-    return {
+    result = {
         "config": f"examples/configs/mnist_{name}.toml",
         "epochs": epochs,
         "train_minutes": spent / 60,
+        "threads": torch.get_num_threads(),
+        "curve": curve,
+    }
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    if args.eval_k > 0:
+        result.update(final_eval(run, data.x_test[: args.eval_points], args.eval_k))
+        (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def final_eval(run: pyrovae.Run, x: torch.Tensor, k: int, device: str = "cpu") -> dict:
+    """Test NLL (IWAE bound, K samples) and test -ELBO of a trained run, on ``device``."""
+    run.model.to(device)
+    x = x.to(device)
+    t0 = time.perf_counter()
+    mean, se = nll(run, x, k)
+    elbo = float(-evaluate.elbo(run.model.model, run.model.guide, x, batch_size=1000).mean())
+    return {
         "test_nll": mean,
         "test_nll_se": se,
         "test_neg_elbo": elbo,
-        "eval_k": args.eval_k,
-        "eval_points": len(x_eval),
+        "eval_k": k,
+        "eval_points": len(x),
+        "eval_device": str(torch.device(device)),
         "eval_seconds": time.perf_counter() - t0,
-        "curve": curve,
-        "started": start,
     }
+
+
+def evaluate_only(name: str, args: argparse.Namespace) -> dict:
+    """Final evaluation of an already trained ``<out>/<name>`` run (for example on a GPU)."""
+    out = Path(args.out) / name
+    result = json.loads((out / "benchmark.json").read_text())
+    run = pyrovae.load_run(out)
+    cfg = run.config.model_copy(deep=True)
+    cfg.data.root = args.root
+    data = pyrovae.load_data(cfg.data, seed=cfg.train.seed)
+    result.update(final_eval(run, data.x_test[: args.eval_points], args.eval_k, args.device))
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def plot(results: dict, path: Path) -> None:
@@ -105,9 +136,9 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
-        c = r["curve"]
+        c = [p for p in r["curve"] if "test_nll" in p]
         ax.plot([p["train_minutes"] for p in c], [p["test_nll"] for p in c], marker="o", label=name)
-    ax.set_xlabel("training time (minutes, 2 CPU cores)")
+    ax.set_xlabel("training time (minutes, CPU)")
     ax.set_ylabel("test NLL, nats (IWAE bound)")
     ax.set_title("dynamically binarized MNIST")
     ax.legend()
@@ -128,11 +159,24 @@ def main() -> None:
     p.add_argument("--curve-points", type=int, default=1000)
     p.add_argument("--eval-k", type=int, default=5000)
     p.add_argument("--eval-points", type=int, default=10000)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="skip training: evaluate the runs already in --out (see --device)",
+    )
+    p.add_argument("--device", default="cpu", help="device of the final evaluation (--eval-only)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    results = {name: train_one(name, args) for name in args.configs.split(",")}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    step = evaluate_only if args.eval_only else train_one
+    for name in args.configs.split(","):
+        step(name, args)
+    # every model's benchmark.json in --out (models may be trained by separate processes)
+    results = {
+        f.parent.name: json.loads(f.read_text())
+        for f in sorted(Path(args.out).glob("*/benchmark.json"))
+    }
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, Path(args.out) / "nll_vs_time.png")
     if args.json:
@@ -142,6 +186,11 @@ def main() -> None:
             )
         )
     for name, r in results.items():
+        if "test_nll" not in r:
+            print(
+                f"{name:8s} not evaluated yet ({r['epochs']} epochs in {r['train_minutes']:.1f} min)"
+            )
+            continue
         print(
             f"{name:8s} test NLL {r['test_nll']:.2f} ± {r['test_nll_se']:.2f} nats (IWAE K={r['eval_k']}, {r['eval_points']} test images); -ELBO {r['test_neg_elbo']:.2f}; {r['epochs']} epochs in {r['train_minutes']:.1f} min"
         )

@@ -224,7 +224,7 @@ class Runner:
     def step(self, s: int) -> float: ...
     def epoch(self) -> float:
         self.new_epoch()
-        return sum(self.step(s) for s in range(self.steps_per_epoch)) / self.steps_per_epoch
+        return float(sum(self.step(s) for s in range(self.steps_per_epoch))) / self.steps_per_epoch
 
 
 class HandwrittenRunner(Runner):
@@ -265,13 +265,14 @@ class PyroVAERunner(Runner):
     def step(self, s):
         tr, t = self.tr, self.tr.config.train
         tr.model.kl_scale = kl_scale(t.beta, t.kl_warmup_epochs, tr.epoch + s / self.steps_per_epoch)
-        if self.no_validation:
+        check = tr.sync_every == 1  # CUDA: no per-step host read (Trainer._run_steps)
+        if self.no_validation or (not check and s > 0):
             pyro.enable_validation(False)
             try:
-                return tr._step(tr._batch(s))
+                return tr._step(tr._batch(s), check=check)
             finally:
                 pyro.enable_validation(True)
-        return tr._step(tr._batch(s))
+        return tr._step(tr._batch(s), check=check)
 
     def epoch(self):
         """One real epoch through ``Trainer._run_epoch`` (the code ``pyrovae fit`` runs)."""
@@ -486,7 +487,7 @@ def check_losses(variants: list[str], data, cfg_for, device, steps: int = 20) ->
         else:
             r.t.gen.manual_seed(gen_seed)
         r.new_epoch()
-        seqs[name] = [r.step(s) for s in range(steps)]
+        seqs[name] = [float(r.step(s)) for s in range(steps)]
     ref = seqs.get("pyrovae")
     out = {}
     for name, seq in seqs.items():

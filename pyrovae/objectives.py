@@ -47,11 +47,18 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
     ``Trace_ELBO.differentiable_loss``. The returned tensor is computed exactly as Trace_ELBO does
     (``-elbo + (surrogate - surrogate.item())``, same summation order), so losses and gradients are
     bit-identical.
+
+    With ``sync_free = True`` (set by the trainer on CUDA) it returns ``-surrogate`` itself: the
+    same gradient, the same value up to float32 rounding (the sum is taken on the device instead of
+    in Python floats), and no ``.item()``, each of which would wait for the GPU.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._validated: object = None
+        #: return the surrogate itself, with no ``.item()`` (each is a host synchronization on
+        #: CUDA); for reparameterized sites it equals the ELBO up to float32 summation order
+        self.sync_free = False
 
     @staticmethod
     def _signature(model_trace, guide_trace) -> tuple:
@@ -111,6 +118,16 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+        if self.sync_free:
+            surrogate = 0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample" and not site_is_subsample(site):
+                    surrogate = surrogate + self._score(model_trace, site)
+            for site in guide_sites:
+                surrogate = surrogate - self._score(guide_trace, site)
+            if is_validation_enabled():
+                self._validate_once(model_trace, guide_trace)
+            return -surrogate
         # same summation order as Trace_ELBO._differentiable_loss_particle: model sites, then guide sites
         elbo, surrogate = 0, 0
         for site in model_trace.nodes.values():

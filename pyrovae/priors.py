@@ -17,6 +17,7 @@ shape; the model's ``pyro.plate("data")`` broadcasts it over datapoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -45,6 +46,78 @@ class Prior(nn.Module):
 
     def forward(self) -> dist.TorchDistribution:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    r"""``MixtureSameFamily`` of K diagonal Gaussians whose ``log_prob`` is two matrix products.
+
+    Expanding the square in each component's log-density,
+
+    $$
+    \log \mathcal N(z; \mu_k, \mathrm{diag}\,\sigma_k^2) =
+    -\tfrac12 (z \odot z)^\top \sigma_k^{-2} + z^\top (\mu_k \odot \sigma_k^{-2})
+    - \tfrac12 \mu_k^\top (\mu_k \odot \sigma_k^{-2}) - \textstyle\sum_d \log \sigma_{kd}
+    - \tfrac D2 \log 2\pi,
+    $$
+
+    gives all (point, component) pairs as ``(N, D) @ (D, K)`` products instead of the
+    ``(N, K, D)`` broadcast of the generic ``log_prob`` (for the VampPrior's K = 500 that broadcast
+    made a training step 7x slower than the standard VAE's). The quadratic form is taken in
+    float64, so the cancellation between its terms costs no accuracy when some
+    :math:`\sigma_k` are small. Sampling, ``mean``, ``variance`` are the parent's.
+    """
+
+    def __init__(
+        self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None
+    ):
+        super().__init__(
+            dist.Categorical(logits=logits, validate_args=validate_args),
+            dist.Normal(loc, scale, validate_args=validate_args).to_event(1),
+            validate_args=validate_args,
+        )
+
+    def expand(self, batch_shape, _instance=None) -> DiagonalNormalMixture:
+        """Same (K, D) parameters, a larger batch shape: ``log_prob`` broadcasts over the value's
+        leading dims anyway, so nothing is copied (a plate only records the batch shape)."""
+        normal = self.component_distribution.base_dist
+        new = DiagonalNormalMixture(
+            self.mixture_distribution.logits, normal.loc, normal.scale, validate_args=False
+        )
+        new._batch_shape = torch.Size(batch_shape)
+        new._validate_args = self._validate_args
+        return new
+
+    def _base(self) -> dist.MixtureSameFamily:
+        """The mixture with empty batch shape (what the parent's sampling code expects)."""
+        normal = self.component_distribution.base_dist
+        return dist.MixtureSameFamily(
+            self.mixture_distribution, dist.Normal(normal.loc, normal.scale).to_event(1)
+        )
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self._base().sample(torch.Size(sample_shape) + self.batch_shape)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._base().mean.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self._base().variance.expand(self.batch_shape + self.event_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        normal = self.component_distribution.base_dist
+        loc, scale = normal.loc.double(), normal.scale.double()  # (K, D)
+        prec = scale.pow(-2)
+        v = value.double()
+        quad = (v * v) @ prec.T * -0.5 + v @ (loc * prec).T  # (..., K)
+        const = -0.5 * (loc * loc * prec).sum(-1) - scale.log().sum(-1)
+        lp = quad + const - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_w = torch.log_softmax(self.mixture_distribution.logits, -1)
+        out = torch.logsumexp(lp.to(value.dtype) + log_w, -1)
+        return out.expand(torch.broadcast_shapes(out.shape, self.batch_shape))
 
 
 @PRIORS.register
@@ -96,8 +169,7 @@ class GaussianMixture(Prior):
         self.raw_scales = nn.Parameter(torch.zeros(k, latent_dim))
 
     def forward(self):
-        components = dist.Normal(self.locs, softplus(self.raw_scales) + 1e-4).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalNormalMixture(self.logits, self.locs, softplus(self.raw_scales) + 1e-4)
 
 
 @PRIORS.register
@@ -125,9 +197,8 @@ class VampPrior(Prior):
 
     def forward(self):
         loc, scale = self._encode[0](self.pseudo_inputs)
-        k = self.pseudo_inputs.shape[0]
-        mix = dist.Categorical(logits=torch.zeros(k, device=loc.device, dtype=loc.dtype))
-        return dist.MixtureSameFamily(mix, dist.Normal(loc, scale).to_event(1))
+        logits = torch.zeros(self.pseudo_inputs.shape[0], device=loc.device, dtype=loc.dtype)
+        return DiagonalNormalMixture(logits, loc, scale)
 
 
 @PRIORS.register

@@ -49,6 +49,8 @@ from pyrovae.model import VAE
 from pyrovae.objectives import kl_scale, make_elbo
 
 METRICS = "metrics.json"
+#: on CUDA the trainer reads the loss on the host once every this many steps (``Trainer._run_steps``)
+CUDA_SYNC_EVERY = 50
 CONFIG = "config.toml"
 
 
@@ -184,6 +186,11 @@ class Trainer:
                 t.objective == "iwae"
             )  # RenyiELBO backprops through param sites
         self.stop = _Stop()
+        #: steps between host reads of the loss: every step on CPU (free there), every
+        #: ``CUDA_SYNC_EVERY`` steps elsewhere (``_run_steps``)
+        self.sync_every = 1 if self.device.type == "cpu" else CUDA_SYNC_EVERY
+        if self.is_vae and hasattr(self.elbo, "sync_free"):
+            self.elbo.sync_free = self.sync_every > 1
 
     # -- checkpoint ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -272,15 +279,22 @@ class Trainer:
             )
         return self.elbo.differentiable_loss(self.model.model, self.model.guide, x, self.n) / self.n
 
-    def _step(self, x: torch.Tensor) -> float:
+    def _step(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """One optimizer step on batch ``x``; returns the detached loss (a 0-dim tensor).
+
+        With ``check`` the loss is read on the host first and a non-finite value skips the
+        update (on CPU the read costs nothing). Without it the update always runs and the caller
+        reads the accumulated losses every ``sync_every`` steps: on CUDA a read is a host
+        synchronization, and a bad value is caught there and rolled back (see ``_run_steps``).
+        """
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss(x)
         if loss.requires_grad:
             loss.backward()
-        value = loss.item()
-        if math.isfinite(value):
+        loss = loss.detach()
+        if not check or math.isfinite(loss.item()):
             self.opt.step()
-        return value
+        return loss
 
     # -- epochs ----------------------------------------------------------------------------
     def _run_epoch(self) -> tuple[float, bool]:
@@ -294,10 +308,19 @@ class Trainer:
             return self._run_steps(n_batches)
 
     def _run_steps(self, n_batches: int) -> tuple[float, bool]:
+        """Steps ``step_in_epoch .. n_batches-1``. The losses are read on the host every
+        ``sync_every`` steps (1 on CPU; on CUDA less often, so that the GPU is never waited for
+        within a step). With ``sync_every > 1`` Pyro's argument and support checks run on the
+        first step of the call and are skipped on the rest (each check is a host read too): a bad
+        value shows up as a non-finite loss at the next read and the epoch is rolled back."""
         t = self.config.train
+        sync = self.sync_every
+        first = self.step_in_epoch
         total, count = 0.0, 0
+        pending: torch.Tensor | None = None  # losses since the last host read
+        n_pending = 0
         bar = tqdm(
-            range(self.step_in_epoch, n_batches),
+            range(first, n_batches),
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
             leave=False,
             disable=None if self.progress is None else not self.progress,
@@ -307,15 +330,26 @@ class Trainer:
                 self.model.kl_scale = kl_scale(
                     t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches
                 )
-            value = self._step(self._batch(s))
-            if not math.isfinite(value):
-                raise _NonFinite(self.epoch, s, value)
-            total, count = total + value, count + 1
+            if sync > 1 and s > first:
+                with pyro.validation_enabled(False):
+                    loss = self._step(self._batch(s), check=False)
+            else:
+                loss = self._step(self._batch(s), check=sync == 1)
+            pending = loss if pending is None else pending + loss
+            n_pending += 1
             self.step_in_epoch = s + 1
-            if s % 10 == 0:
-                label = "elbo" if self.is_vae else "loss"
-                bar.set_postfix({label: f"{(-value if self.is_vae else value):.2f}"})
-            if self.stop.requested is not None:
+            stopping = self.stop.requested is not None
+            if n_pending >= sync or s == n_batches - 1 or stopping:
+                value = pending.item()  # the host read
+                if not math.isfinite(value):
+                    raise _NonFinite(self.epoch, s, value)
+                total, count = total + value, count + n_pending
+                if s % 10 == 0 or sync > 1:
+                    label = "elbo" if self.is_vae else "loss"
+                    mean = value / n_pending
+                    bar.set_postfix({label: f"{(-mean if self.is_vae else mean):.2f}"})
+                pending, n_pending = None, 0
+            if stopping:
                 return total / max(count, 1), False
         return total / max(count, 1), True
 
