@@ -153,12 +153,19 @@ def main() -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
-        "sync": count_syncs(a.root),
-        "agreement": agreement(a.root),
-        "fit": fit_on_cuda(a.root),
     }
+    ok = True
+    for name, fn in (("sync", count_syncs), ("agreement", agreement), ("fit", fit_on_cuda)):
+        try:
+            res[name] = fn(a.root)
+        except Exception:  # report every section, even when one fails
+            import traceback
+
+            res[name] = {"error": traceback.format_exc()}
+            ok = False
+        print(f"{name}: done", file=sys.stderr, flush=True)
     print(json.dumps(res, indent=None if a.json else 2, default=str))
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

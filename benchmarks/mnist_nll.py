@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         "epochs": epochs,
         "train_minutes": spent / 60,
         "threads": torch.get_num_threads(),
+        "train_peak_rss_mib": peak_rss_mib(),
         "curve": curve,
     }
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
@@ -97,21 +99,35 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (``getrusage`` ru_maxrss), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def final_eval(run: pyrovae.Run, x: torch.Tensor, k: int, device: str = "cpu") -> dict:
     """Test NLL (IWAE bound, K samples) and test -ELBO of a trained run, on ``device``."""
     run.model.to(device)
     x = x.to(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     mean, se = nll(run, x, k)
+    seconds = time.perf_counter() - t0
     elbo = float(-evaluate.elbo(run.model.model, run.model.guide, x, batch_size=1000).mean())
     return {
+        "eval_peak_rss_mib": peak_rss_mib(),
+        "eval_peak_rss_before_mib": rss0,
+        "eval_cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "test_nll": mean,
         "test_nll_se": se,
         "test_neg_elbo": elbo,
         "eval_k": k,
         "eval_points": len(x),
-        "eval_device": str(torch.device(device)),
-        "eval_seconds": time.perf_counter() - t0,
+        "eval_device": torch.cuda.get_device_name() if cuda else "cpu",
+        "eval_threads": torch.get_num_threads(),
+        "eval_seconds": seconds,
     }
 
 
