@@ -522,9 +522,9 @@ def test_stop_after_a_bad_update_saves_the_last_good_state(tmp_path, monkeypatch
     orig = train_mod.Trainer._step
     calls = {"n": 0}
 
-    def step(self, x):
+    def step(self, x, **kw):
         calls["n"] += 1
-        value = orig(self, x)
+        value = orig(self, x, **kw)
         if calls["n"] == 6:  # epoch 2, second step
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("nan"))

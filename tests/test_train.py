@@ -81,11 +81,11 @@ def test_resume_mid_epoch_after_stop_request(tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = train_mod.Trainer._step
 
-    def step(self, x):
+    def step(self, x, **kw):
         calls["n"] += 1
         if calls["n"] == 5:  # epoch 2 (3 steps per epoch with 205 points / 64), mid-way
             self.stop.requested = 15
-        return orig(self, x)
+        return orig(self, x, **kw)
 
     monkeypatch.setattr(train_mod.Trainer, "_step", step)
     part = pyrovae.fit(tiny_config(), tmp_path / "part", progress=False, figures=False)
