@@ -144,6 +144,41 @@ def evaluate_only(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def load_results(out: Path) -> dict:
+    """Every model's ``benchmark.json`` in ``out`` (models may be trained by separate processes)."""
+    return {f.parent.name: json.loads(f.read_text()) for f in sorted(out.glob("*/benchmark.json"))}
+
+
+def markdown(results: dict) -> str:
+    """The final numbers and the curves as Markdown tables."""
+    rows = [
+        "| model | config | epochs | training min | threads | test NLL (IWAE) | K | test images "
+        "| test −ELBO | peak RSS training (MiB) | evaluated on | eval s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, r in results.items():
+        if "test_nll" not in r:
+            continue
+        rss = r.get("train_peak_rss_mib")
+        rows.append(
+            f"| {name} | `{r['config']}` | {r['epochs']} | {r['train_minutes']:.1f} | "
+            f"{r.get('threads', '')} | **{r['test_nll']:.2f} ± {r['test_nll_se']:.2f}** | "
+            f"{r['eval_k']} | {r['eval_points']:,} | {r['test_neg_elbo']:.2f} | "
+            f"{'' if rss is None else f'{rss:.0f}'} | {r.get('eval_device', '')} | "
+            f"{r['eval_seconds']:.0f} |"
+        )
+    curves = ["", "| model | epochs | training min | test NLL, K = 100, 1,000 images | val ELBO |"]
+    curves.append("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        for c in r["curve"]:
+            if "test_nll" in c:
+                curves.append(
+                    f"| {name} | {c['epochs']} | {c['train_minutes']:.1f} | "
+                    f"{c['test_nll']:.2f} ± {c['se']:.2f} | {c['val_elbo']:.2f} |"
+                )
+    return "\n".join(rows + curves)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -183,16 +218,20 @@ def main() -> None:
     )
     p.add_argument("--device", default="cpu", help="device of the final evaluation (--eval-only)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="only print the results already in --out as Markdown tables (for docs/benchmarks.md)",
+    )
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(load_results(Path(args.out))))
+        return
     torch.set_num_threads(args.threads)
     step = evaluate_only if args.eval_only else train_one
     for name in args.configs.split(","):
         step(name, args)
-    # every model's benchmark.json in --out (models may be trained by separate processes)
-    results = {
-        f.parent.name: json.loads(f.read_text())
-        for f in sorted(Path(args.out).glob("*/benchmark.json"))
-    }
+    results = load_results(Path(args.out))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, Path(args.out) / "nll_vs_time.png")
     if args.json:
