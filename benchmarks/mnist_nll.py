@@ -65,6 +65,8 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         )
         chunk = time.perf_counter() - t0
         spent += chunk
+        if run.interrupted:  # SIGINT/SIGTERM: fit wrote its checkpoint; stop the benchmark too
+            raise SystemExit(f"[{name}] interrupted after {spent / 60:.1f} training minutes")
         point = {
             "epochs": epochs,
             "train_minutes": spent / 60,
