@@ -169,15 +169,25 @@ def markdown(results: dict) -> str:
             f"{'' if rss is None else f'{rss:.0f}'} | {r.get('eval_device', '')} | "
             f"{r['eval_seconds']:.0f} |"
         )
-    curves = ["", "| model | epochs | training min | test NLL, K = 100, 1,000 images | val ELBO |"]
+    curves = [
+        "",
+        "| model | epochs | training min | test NLL, K = 100, first 1,000 test images | val ELBO |",
+    ]
     curves.append("|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        for c in r["curve"]:
-            if "test_nll" in c:
-                curves.append(
-                    f"| {name} | {c['epochs']} | {c['train_minutes']:.1f} | "
-                    f"{c['test_nll']:.2f} ± {c['se']:.2f} | {c['val_elbo']:.2f} |"
-                )
+        pts = [c for c in r["curve"] if "test_nll" in c]
+        # the first point past every 10 training minutes, and the last
+        keep, mark = [], 10.0
+        for i, c in enumerate(pts):
+            if c["train_minutes"] >= mark or i == len(pts) - 1:
+                keep.append(c)
+                while mark <= c["train_minutes"]:
+                    mark += 10.0
+        for c in keep:
+            curves.append(
+                f"| {name} | {c['epochs']} | {c['train_minutes']:.1f} | "
+                f"{c['test_nll']:.2f} ± {c['se']:.2f} | {c['val_elbo']:.2f} |"
+            )
     return "\n".join(rows + curves)
 
 
