@@ -48,12 +48,17 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     )
     data = pyrovae.load_data(cfg.data, seed=cfg.train.seed)
     out = Path(args.out) / name
-    if out.exists():
+    curve, epochs, spent, chunk = [], 0, 0.0, 0.0
+    if args.resume and (out / "benchmark.json").is_file():
+        # continue a run this benchmark stopped, up to --minutes of training in all
+        prev = json.loads((out / "benchmark.json").read_text())
+        curve, epochs, spent = prev["curve"], prev["epochs"], prev["train_minutes"] * 60
+        chunk = spent / max(1, epochs) * args.chunk_epochs
+    elif out.exists():
         import shutil
 
         shutil.rmtree(out)  # a fresh run each time the benchmark is started
     x_curve = data.x_test[: args.curve_points]
-    curve, epochs, spent, chunk = [], 0, 0.0, 0.0
     run = None
     # stop before a chunk that would end past the budget (estimated from the last chunk)
     while spent + chunk <= args.minutes * 60:
@@ -61,7 +66,12 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         cfg.train.epochs = epochs
         t0 = time.perf_counter()
         run = pyrovae.fit(
-            cfg, out, resume=epochs > args.chunk_epochs, progress=False, data=data, figures=False
+            cfg,
+            out,
+            resume=(out / "checkpoint.pt").exists(),
+            progress=False,
+            data=data,
+            figures=False,
         )
         chunk = time.perf_counter() - t0
         spent += chunk
@@ -223,6 +233,11 @@ def main() -> None:
     p.add_argument("--eval-k", type=int, default=5000)
     p.add_argument("--eval-points", type=int, default=10000)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out (their training time counts) up to --minutes in all",
+    )
     p.add_argument(
         "--eval-only",
         action="store_true",
