@@ -42,3 +42,18 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "vae"
     pyro.enable_validation(True)
     return pyrovae.fit(tiny_config(train={"epochs": 3}), out, progress=False)
+
+
+def nan_loss_at(monkeypatch, n: int) -> None:
+    """Make the trainer's ``n``-th loss NaN (for the non-finite recovery tests)."""
+    from pyrovae import train as train_mod
+
+    calls = {"n": 0}
+    orig = train_mod.Trainer._loss
+
+    def loss(self, x):
+        calls["n"] += 1
+        out = orig(self, x)
+        return out * float("nan") if calls["n"] == n else out
+
+    monkeypatch.setattr(train_mod.Trainer, "_loss", loss)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import nan_loss_at, tiny_config
 
 import pyrovae
 from pyrovae import train as train_mod
@@ -52,15 +52,7 @@ def test_deferred_reads_still_roll_back_a_nonfinite_loss(tmp_path, monkeypatch):
     """A NaN loss at step 2 is applied (no per-step read) and seen at the read after step 3: the
     epoch is rolled back, the learning rate halved, and no NaN reaches the parameters."""
     deferred(monkeypatch, 3)
-    calls = {"n": 0}
-    orig = train_mod.Trainer._loss
-
-    def loss(self, x):
-        calls["n"] += 1
-        out = orig(self, x)
-        return out * float("nan") if calls["n"] == 2 else out
-
-    monkeypatch.setattr(train_mod.Trainer, "_loss", loss)
+    nan_loss_at(monkeypatch, 2)
     run = pyrovae.fit(tiny_config(), tmp_path / "r", progress=False, figures=False)
     assert run.history[-1]["lr"] == pytest.approx(5e-4)
     assert all(torch.isfinite(p).all() for p in run.model.parameters())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import nan_loss_at, tiny_config
 
 import pyrovae
 from pyrovae import ConfigError, DataError
@@ -184,17 +184,7 @@ def test_overcomplete_needs_more_codes_than_inputs(tmp_path):
 
 
 def test_nonfinite_loss_restores_and_lowers_lr(tmp_path, monkeypatch):
-    from pyrovae import train as train_mod
-
-    calls = {"n": 0}
-    orig = train_mod.Trainer._loss
-
-    def loss(self, x):
-        calls["n"] += 1
-        out = orig(self, x)
-        return out * float("nan") if calls["n"] == 2 else out
-
-    monkeypatch.setattr(train_mod.Trainer, "_loss", loss)
+    nan_loss_at(monkeypatch, 2)
     run = pyrovae.fit(tiny_config(), tmp_path / "r", progress=False, figures=False)
     assert run.history[-1]["lr"] == pytest.approx(5e-4)
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
