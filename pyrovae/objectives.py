@@ -118,29 +118,23 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-        if self.sync_free:
-            surrogate = 0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample" and not site_is_subsample(site):
-                    surrogate = surrogate + self._score(model_trace, site)
-            for site in guide_sites:
-                surrogate = surrogate - self._score(guide_trace, site)
-            if is_validation_enabled():
-                self._validate_once(model_trace, guide_trace)
-            return -surrogate
-        # same summation order as Trace_ELBO._differentiable_loss_particle: model sites, then guide sites
+        # same summation order as Trace_ELBO._differentiable_loss_particle: model sites, then guide
+        # sites; with sync_free the Python-float ELBO (one .item() per site) is skipped
+        read = not self.sync_free
         elbo, surrogate = 0, 0
         for site in model_trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
                 lp = self._score(model_trace, site)
-                elbo = elbo + lp.item()
+                elbo = elbo + lp.item() if read else elbo
                 surrogate = surrogate + lp
         for site in guide_sites:
             lp = self._score(guide_trace, site)
-            elbo = elbo - lp.item()
+            elbo = elbo - lp.item() if read else elbo
             surrogate = surrogate - lp
         if is_validation_enabled():
             self._validate_once(model_trace, guide_trace)
+        if not read:
+            return -surrogate
         loss = -elbo
         if not math.isfinite(loss) and is_validation_enabled():
             from pyro.util import warn_if_inf, warn_if_nan
