@@ -59,11 +59,25 @@ class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
+    #: learning-rate schedule, a function of the epoch e = 0, 1, ... only (so resuming and
+    #: chunked training see the same rates): lr_e = max(lr_min, lr * lr_decay**e), i.e.
+    #: ``torch.optim.lr_scheduler.ExponentialLR(gamma=lr_decay)`` with a floor. 1.0: constant
+    lr_decay: float = Field(1.0, gt=0, le=1)
+    lr_min: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # pyro.set_rng_seed's range
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)
     lr_backoff: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _lr_floor(self) -> TrainConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(
+                f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}): the schedule only "
+                "lowers the learning rate"
+            )
+        return self
 
 
 class Config(_Section):

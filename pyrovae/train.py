@@ -256,6 +256,12 @@ class Trainer:
         self.lr, self.retries, self.history = state["lr"], state["retries"], list(state["history"])
         self._set_lr(self.lr)
 
+    def scheduled_lr(self) -> float:
+        """Learning rate for the current epoch e: max(lr_min, lr * lr_decay**e), times
+        lr_backoff for every non-finite-loss retry so far."""
+        t = self.config.train
+        return max(t.lr_min, t.lr * t.lr_decay**self.epoch) * t.lr_backoff**self.retries
+
     def _set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -375,6 +381,8 @@ class Trainer:
         t = self.config.train
         with self.stop.installed():
             while self.epoch < t.epochs:
+                self.lr = self.scheduled_lr()
+                self._set_lr(self.lr)
                 good = _snapshot(self.model, self.opt)
                 good_rng = (
                     torch.get_rng_state(),

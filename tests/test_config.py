@@ -42,6 +42,8 @@ def test_example_config_loads():
             "model.latent_dim: Input should be greater than or equal to 1; got 0",
         ),
         ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0; got 0"),
+        ({"train": {"lr_decay": 1.5}}, "train.lr_decay: Input should be less than or equal to 1"),
+        ({"train": {"lr": 1e-3, "lr_min": 1e-2}}, "lr_min (0.01) must not exceed lr (0.001)"),
         ({"train": {"epochs": "many"}}, "train.epochs"),
         ({"train": {"objective": "elbo"}}, "'trace_elbo', 'mean_field' or 'iwae'"),
         ({"data": {"binarize": "yes"}}, "data.binarize"),
