@@ -354,6 +354,8 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return HandwrittenRunner(name, data, cfg_for("trace_elbo"), device, fused=True)
     if name == "pyrovae":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device)
+    if name == "no_prefetch":  # the shipped trainer with batch prefetching off (whole epochs only)
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "prefetch", False))
     if name == "mean_field":
         return PyroVAERunner(name, data, cfg_for("mean_field"), device)
     if name == "no_validation":
