@@ -50,7 +50,7 @@ KEYS = [
     "limit", "kind", "latent_dim", "encoder", "decoder", "prior", "likelihood", "guide",
     "variant", "noise", "hidden", "activation", "channels", "components", "layers", "scale",
     "objective", "num_particles", "beta", "kl_warmup_epochs", "epochs", "batch_size", "lr",
-    "seed", "device", "max_retries", "lr_backoff",
+    "seed", "device", "max_retries", "lr_backoff", "lr_decay", "lr_min",
 ]  # fmt: skip
 WORDS = sorted(
     {k for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES) for k in r.kinds()}

@@ -374,6 +374,8 @@ def test_valid_tiny_idx_folder_trains(server, tmp_path):
         (["train.lr=-0.001"], ["train.lr", "greater than 0", "got -0.001"]),
         (["train.lr=inf"], ["train.lr", "expected a finite number", "got inf"]),
         (["train.batch_size=0"], ["train.batch_size", "greater than or equal to 1"]),
+        (["train.lr_decay=1.5"], ["train.lr_decay", "less than or equal to 1", "1.5"]),
+        (["train.lr_min=0.1"], ["train", "lr_min (0.1) must not exceed lr (0.001)"]),
         (["data.val_fraction=0.7"], ["data.val_fraction", "less than 0.5", "0.7"]),
         (['model.likelihood={kind="normal", scale=-1}'], ["model.likelihood.scale", "-1"]),
         (['train.device="tpu"'], ["train.device", "'auto', 'cpu' or 'cuda'", "'tpu'"]),
