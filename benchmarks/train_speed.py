@@ -266,7 +266,8 @@ class PyroVAERunner(Runner):
         tr, t = self.tr, self.tr.config.train
         tr.model.kl_scale = kl_scale(t.beta, t.kl_warmup_epochs, tr.epoch + s / self.steps_per_epoch)
         check = tr.sync_every == 1  # CUDA: no per-step host read (Trainer._run_steps)
-        if self.no_validation or (not check and s > 0):
+        # Pyro's validation on each epoch's first step only, unless validate_every_step
+        if self.no_validation or (s > 0 and not tr.validate_every_step):
             pyro.enable_validation(False)
             try:
                 return tr._step(tr._batch(s), check=check)
@@ -354,6 +355,8 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return HandwrittenRunner(name, data, cfg_for("trace_elbo"), device, fused=True)
     if name == "pyrovae":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device)
+    if name == "validate_every_step":  # the shipped trainer with Pyro's validation on every step
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "validate_every_step", True))
     if name == "no_prefetch":  # the shipped trainer with batch prefetching off (whole epochs only)
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "prefetch", False))
     if name == "mean_field":

@@ -65,6 +65,10 @@ class TrainConfig(_Section):
     lr_decay: float = Field(1.0, gt=0, le=1)
     lr_min: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # pyro.set_rng_seed's range
+    #: Pyro's validation (site structure, distribution arguments, supports) on every step; by
+    #: default it runs on the first step of each epoch and a bad value later shows up as a
+    #: non-finite loss, which the trainer catches and rolls back (docs: benchmarks, validation)
+    validate_every_step: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)

@@ -190,6 +190,12 @@ class Trainer:
         #: steps between host reads of the loss: every step on CPU (free there), every
         #: ``CUDA_SYNC_EVERY`` steps elsewhere (``_run_steps``)
         self.sync_every = 1 if self.device.type == "cpu" else CUDA_SYNC_EVERY
+        #: Pyro's validation (model/guide structure, distribution arguments and supports) runs
+        #: on the first step of every epoch; the other steps skip it, since they run the same
+        #: program on new values and a bad value (NaN, inf) shows up as a non-finite loss, which
+        #: is read every step on CPU (every ``sync_every`` steps elsewhere) and rolled back.
+        #: ``train.validate_every_step = true``: every step, as a bare ``SVI.step`` loop does
+        self.validate_every_step = t.validate_every_step
         #: draw the next dynamically binarized batch on a worker thread while a step runs
         #: (CPU only: on CUDA the draw is an asynchronous kernel already); see ``_Batches``
         #: (VAE only: the autoencoder draws its own noise from the same generator in a step)
@@ -323,9 +329,9 @@ class Trainer:
     def _run_steps(self, n_batches: int) -> tuple[float, bool]:
         """Steps ``step_in_epoch .. n_batches-1``. The losses are read on the host every
         ``sync_every`` steps (1 on CPU; on CUDA less often, so that the GPU is never waited for
-        within a step). With ``sync_every > 1`` Pyro's argument and support checks run on the
-        first step of the call and are skipped on the rest (each check is a host read too): a bad
-        value shows up as a non-finite loss at the next read and the epoch is rolled back."""
+        within a step). Pyro's validation runs on the first step of the call only (unless
+        ``validate_every_step``): a bad value shows up as a non-finite loss at the next read and
+        the epoch is rolled back."""
         t = self.config.train
         first = self.step_in_epoch
         bar = tqdm(
@@ -350,9 +356,9 @@ class Trainer:
                 self.model.kl_scale = kl_scale(
                     t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches
                 )
-            if sync > 1 and s > first:
+            if s > first and not self.validate_every_step:
                 with pyro.validation_enabled(False):
-                    loss = self._step(batches.get(s), check=False)
+                    loss = self._step(batches.get(s), check=sync == 1)
             else:
                 loss = self._step(batches.get(s), check=sync == 1)
             pending = loss if pending is None else pending + loss

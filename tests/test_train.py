@@ -241,6 +241,42 @@ def test_overcomplete_needs_more_codes_than_inputs(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("every", [False, True])
+def test_pyro_validation_on_the_first_step_of_each_epoch(tmp_path, monkeypatch, every):
+    """Validation runs on each epoch's first step (every step with train.validate_every_step);
+    it never changes a number: both settings train to the same parameters."""
+    from pyro.infer.util import is_validation_enabled
+
+    from pyrovae import train as train_mod
+
+    seen = []
+    orig = train_mod.Trainer._step
+
+    def step(self, x, **kw):
+        seen.append((self.epoch, self.step_in_epoch, is_validation_enabled()))
+        return orig(self, x, **kw)
+
+    monkeypatch.setattr(train_mod.Trainer, "_step", step)
+    run = pyrovae.fit(
+        tiny_config(train={"validate_every_step": every}),
+        tmp_path / "r",
+        progress=False,
+        figures=False,
+    )
+    assert [v for _, s, v in seen] == [every or s == 0 for _, s, _ in seen]
+    assert {e for e, _, _ in seen} == {0, 1} and len(seen) > 4
+    assert is_validation_enabled()  # the global switch is restored
+    monkeypatch.setattr(train_mod.Trainer, "_step", orig)
+    other = pyrovae.fit(
+        tiny_config(train={"validate_every_step": not every}),
+        tmp_path / "o",
+        progress=False,
+        figures=False,
+    )
+    for k, v in params(run.model).items():
+        assert torch.equal(v, params(other.model)[k]), k
+
+
 def test_lr_schedule_is_exponential_with_a_floor_and_survives_resume(tmp_path):
     """lr_e = max(lr_min, lr * lr_decay**e); a run stopped and resumed (as the MNIST benchmark
     trains, in chunks) sees the same rates and ends with the same parameters."""
