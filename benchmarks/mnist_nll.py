@@ -157,8 +157,14 @@ def evaluate_only(name: str, args: argparse.Namespace) -> dict:
 
 
 def load_results(out: Path) -> dict:
-    """Every model's ``benchmark.json`` in ``out`` (models may be trained by separate processes)."""
-    return {f.parent.name: json.loads(f.read_text()) for f in sorted(out.glob("*/benchmark.json"))}
+    """Every model's ``benchmark.json`` in ``out`` (models may be trained by separate processes),
+    or, in a folder of saved results (``benchmarks/results/...``), every ``NAME.json`` with a curve."""
+    runs = {f.parent.name: json.loads(f.read_text()) for f in sorted(out.glob("*/benchmark.json"))}
+    for f in sorted(out.glob("*.json")):
+        r = json.loads(f.read_text())
+        if isinstance(r, dict) and "curve" in r:
+            runs.setdefault(f.stem, r)
+    return runs
 
 
 def markdown(results: dict) -> str:
@@ -207,10 +213,12 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, r in results.items():
         c = [p for p in r["curve"] if "test_nll" in p]
-        ax.plot([p["train_minutes"] for p in c], [p["test_nll"] for p in c], marker="o", label=name)
+        style = "--" if "(" in name else "-"  # runs from an earlier results folder: dashed
+        ax.plot([p["train_minutes"] for p in c], [p["test_nll"] for p in c], style, marker="o",
+                markersize=3, label=name)
     ax.set_xlabel("training time (minutes, CPU)")
     ax.set_ylabel("test NLL, nats (IWAE bound)")
     ax.set_title("dynamically binarized MNIST")
@@ -250,7 +258,23 @@ def main() -> None:
         action="store_true",
         help="only print the results already in --out as Markdown tables (for docs/benchmarks.md)",
     )
+    p.add_argument(
+        "--figure",
+        metavar="DIR[:LABEL],...",
+        help="only draw NLL against time for the --configs runs in these results folders (the "
+        "first one unlabelled, the others' as 'name (LABEL)', dashed) to --out/nll_vs_time.png",
+    )
     args = p.parse_args()
+    if args.figure:
+        merged = {}
+        for i, item in enumerate(args.figure.split(",")):
+            folder, _, label = item.partition(":")
+            for name, r in load_results(Path(folder)).items():
+                if name not in args.configs.split(","):
+                    continue
+                merged[name if i == 0 else f"{name} ({label or Path(folder).name})"] = r
+        plot(merged, Path(args.out) / "nll_vs_time.png")
+        return
     if args.markdown:
         print(markdown(load_results(Path(args.out))))
         return
