@@ -357,8 +357,6 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device)
     if name == "validate_every_step":  # the shipped trainer with Pyro's validation on every step
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "validate_every_step", True))
-    if name == "no_prefetch":  # the shipped trainer with batch prefetching off (whole epochs only)
-        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "prefetch", False))
     if name == "mean_field":
         return PyroVAERunner(name, data, cfg_for("mean_field"), device)
     if name == "no_validation":

@@ -24,7 +24,6 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,12 +195,6 @@ class Trainer:
         #: is read every step on CPU (every ``sync_every`` steps elsewhere) and rolled back.
         #: ``train.validate_every_step = true``: every step, as a bare ``SVI.step`` loop does
         self.validate_every_step = t.validate_every_step
-        #: draw the next dynamically binarized batch on a worker thread while a step runs
-        #: (CPU only: on CUDA the draw is an asynchronous kernel already); see ``_Batches``
-        #: (VAE only: the autoencoder draws its own noise from the same generator in a step)
-        self.prefetch = (
-            self.device.type == "cpu" and data.binarize == "dynamic" and isinstance(model, VAE)
-        )
         if self.is_vae and hasattr(self.elbo, "sync_free"):
             self.elbo.sync_free = self.sync_every > 1
 
@@ -340,13 +333,6 @@ class Trainer:
             leave=False,
             disable=None if self.progress is None else not self.progress,
         )
-        with _Batches(self, n_batches) as batches:
-            return self._loop(bar, batches, first, n_batches)
-
-    def _loop(
-        self, bar: Iterator[int], batches: _Batches, first: int, n_batches: int
-    ) -> tuple[float, bool]:
-        t = self.config.train
         sync = self.sync_every
         total, count = 0.0, 0
         pending: torch.Tensor | None = None  # losses since the last host read
@@ -358,9 +344,9 @@ class Trainer:
                 )
             if s > first and not self.validate_every_step:
                 with pyro.validation_enabled(False):
-                    loss = self._step(batches.get(s), check=sync == 1)
+                    loss = self._step(self._batch(s), check=sync == 1)
             else:
-                loss = self._step(batches.get(s), check=sync == 1)
+                loss = self._step(self._batch(s), check=sync == 1)
             pending = loss if pending is None else pending + loss
             n_pending += 1
             self.step_in_epoch = s + 1
@@ -474,54 +460,6 @@ class Trainer:
         tqdm.write(
             f"pyrovae: non-finite loss at {where}; restored the last good state, retrying with lr={self.lr:.3g} ({self.retries}/{self.config.train.max_retries})"
         )
-
-
-class _Batches:
-    """The batches ``s = step_in_epoch, ..., n_batches - 1`` of one epoch, in order.
-
-    With ``trainer.prefetch`` batch s+1 is drawn on a worker thread while step s runs:
-    ``torch.bernoulli`` of a 128×784 batch is a serial per-element kernel (≈ 0.6 ms on this
-    CPU, 8 % of a step) that releases the GIL, so it overlaps Pyro's per-step Python. Only the
-    worker touches the batch generator while a draw is in flight and draws happen in step order,
-    so every batch and the generator's stream are exactly those of drawing in the loop; on leaving
-    (a stop request, a non-finite loss, any error) an unused draw is undone, so a checkpoint
-    holds the generator state of the batches actually consumed and ``--resume`` stays exact.
-    """
-
-    def __init__(self, trainer: Trainer, n_batches: int) -> None:
-        self.trainer, self.n_batches = trainer, n_batches
-        self.pool = ThreadPoolExecutor(1, "pyrovae-batches") if trainer.prefetch else None
-        self.next: tuple[int, Future, torch.Tensor] | None = None  # (s, draw, gen state before)
-
-    def get(self, s: int) -> torch.Tensor:
-        tr = self.trainer
-        if self.pool is None:
-            return tr._batch(s)
-        if self.next is not None and self.next[0] == s:
-            x = self.next[1].result()
-        else:
-            self._undo()
-            x = tr._batch(s)
-        self.next = None
-        if s + 1 < self.n_batches:
-            before = tr.gen.get_state()  # taken before the worker starts drawing
-            self.next = (s + 1, self.pool.submit(tr._batch, s + 1), before)
-        return x
-
-    def _undo(self) -> None:
-        if self.next is not None:
-            _, draw, before = self.next
-            draw.exception()  # wait for it; an error there is irrelevant to the undone draw
-            self.trainer.gen.set_state(before)
-            self.next = None
-
-    def __enter__(self) -> _Batches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._undo()
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 def _adam_kwargs(device: torch.device) -> dict[str, Any]:

@@ -129,64 +129,6 @@ def test_dynamic_binarization_with_bernoulli_trains(tmp_path):
     assert run.metrics["test_elbo"] < 0  # a log-probability of binary data
 
 
-_TRAINER_INIT = pyrovae.train.Trainer.__init__
-DYNAMIC = {"data": {"binarize": "dynamic"}, "model": {"likelihood": {"kind": "bernoulli"}}}
-
-
-def _fit_dynamic(out, prefetch: bool, monkeypatch, epochs: int = 3, **kw):
-    from pyrovae import train as train_mod
-
-    def patched(self, *a, **k):
-        _TRAINER_INIT(self, *a, **k)
-        assert self.prefetch  # on by default for dynamic binarization on CPU
-        self.prefetch = prefetch
-
-    monkeypatch.setattr(train_mod.Trainer, "__init__", patched)
-    cfg = tiny_config(**DYNAMIC, train={"epochs": epochs})
-    return pyrovae.fit(cfg, out, progress=False, figures=False, **kw)
-
-
-def test_prefetched_batches_are_the_loop_s_batches(tmp_path, monkeypatch):
-    """Drawing batch s+1 on a worker thread changes nothing: same batches, same stream."""
-    a = _fit_dynamic(tmp_path / "a", True, monkeypatch)
-    b = _fit_dynamic(tmp_path / "b", False, monkeypatch)
-    for k, v in params(a.model).items():
-        assert torch.equal(v, params(b.model)[k]), k
-
-
-def test_prefetch_stop_mid_epoch_then_resume_is_exact(tmp_path, monkeypatch):
-    """A stop lands while batch s+1 is being drawn: the checkpoint must not include that draw."""
-    from pyrovae import train as train_mod
-
-    full = _fit_dynamic(tmp_path / "full", False, monkeypatch)
-    orig = train_mod.Trainer._step
-    calls = {"n": 0}
-
-    def step(self, x, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, mid-way (3 steps per epoch)
-            self.stop.requested = 15
-        return orig(self, x, **kw)
-
-    monkeypatch.setattr(train_mod.Trainer, "_step", step)
-    part = _fit_dynamic(tmp_path / "part", True, monkeypatch)
-    assert part.interrupted
-    monkeypatch.setattr(train_mod.Trainer, "_step", orig)
-    resumed = pyrovae.fit(None, tmp_path / "part", resume=True, progress=False, figures=False)
-    for k, v in params(full.model).items():
-        assert torch.equal(v, params(resumed.model)[k]), k
-
-
-def test_prefetch_nonfinite_rollback_matches_the_plain_loop(tmp_path, monkeypatch):
-    nan_loss_at(monkeypatch, 2)
-    a = _fit_dynamic(tmp_path / "a", True, monkeypatch)
-    nan_loss_at(monkeypatch, 2)
-    b = _fit_dynamic(tmp_path / "b", False, monkeypatch)
-    assert a.history[-1]["lr"] == pytest.approx(5e-4)
-    for k, v in params(a.model).items():
-        assert torch.equal(v, params(b.model)[k]), k
-
-
 @pytest.mark.parametrize("beta,warmup", [(0.5, 0), (1.0, 2)])
 def test_beta_and_warmup_recorded(tmp_path, beta, warmup):
     run = pyrovae.fit(
