@@ -109,7 +109,8 @@ class VAE(nn.Module):
     @contextlib.contextmanager
     def trusted_data(self):
         """Skip the per-step support check of observed ``x`` (the trainer checked every split once
-        with ``likelihood.check_data``); guide and prior arguments are still validated."""
+        with ``likelihood.check_data``); guide and prior arguments are still validated (when Pyro's
+        validation is on: the trainer turns it on for the first step of each epoch)."""
         old = self.likelihood.validate_args
         self.likelihood.validate_args = False
         try:

@@ -2,8 +2,8 @@ r"""Training objectives: which ``pyro.infer`` ELBO, and the β / KL warm-up sche
 
 * ``trace_elbo`` (``Trace_ELBO``; computed by :class:`LeanTrace_ELBO`, bit-identical): :math:`\frac1K\sum_k \log p(x,z_k) - \log q(z_k|x)`,
   :math:`z_k\sim q`;
-* ``mean_field`` (``TraceMeanField_ELBO``): :math:`E_q\log p(x|z) - \mathrm{KL}(q\|p)` with the
-  KL analytic where registered;
+* ``mean_field`` (``TraceMeanField_ELBO``; computed by :class:`LeanTraceMeanField_ELBO`,
+  bit-identical): :math:`E_q\log p(x|z) - \mathrm{KL}(q\|p)` with the KL analytic where registered;
 * ``iwae`` (``RenyiELBO(alpha=0)``): :math:`\log \frac1K\sum_k p(x,z_k)/q(z_k|x)`
   (Burda et al. 2015).
 
@@ -21,6 +21,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence
 
 #: every pyrovae model has one plate ("data"); vectorized particles go to the dim left of it
 MAX_PLATE_NESTING = 1
@@ -101,9 +102,12 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         site["log_prob_sum"] = lp = lp.sum()
         return lp
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def _run(self, model, guide, args, kwargs):
+        """Guide trace, then the model replayed against it: ``(model_trace, guide_trace,
+        guide_sites)``, or None where the lean path does not apply (several particles, a guide
+        site that is not reparameterized or is enumerated): the caller then defers to Pyro."""
         if self.num_particles != 1 or self.vectorize_particles:
-            return super().differentiable_loss(model, guide, *args, **kwargs)
+            return None
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         guide_sites = [
             s
@@ -114,10 +118,17 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
             not getattr(s["fn"], "has_rsample", False) or s["infer"].get("enumerate")
             for s in guide_sites
         ):
-            return super().differentiable_loss(model, guide, *args, **kwargs)
+            return None
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+        return model_trace, guide_trace, guide_sites
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        traces = self._run(model, guide, args, kwargs)
+        if traces is None:
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        model_trace, guide_trace, guide_sites = traces
         # same summation order as Trace_ELBO._differentiable_loss_particle: model sites, then guide
         # sites; with sync_free the Python-float ELBO (one .item() per site) is skipped
         read = not self.sync_free
@@ -152,6 +163,71 @@ class LeanTrace_ELBO(pyro.infer.Trace_ELBO):
         return loss + (surrogate_loss - surrogate_loss.item())
 
 
+class LeanTraceMeanField_ELBO(LeanTrace_ELBO, pyro.infer.TraceMeanField_ELBO):
+    r"""``TraceMeanField_ELBO`` with the same loss and gradient, minus the unused work.
+
+    Per datapoint :math:`\log p(x\mid z) - \mathrm{KL}(q(z\mid x)\,\|\,p(z))`, :math:`z\sim q`,
+    with the KL in closed form where ``torch.distributions.kl_divergence`` has it (the standard
+    normal and learned normal priors against the Gaussian guide) and :math:`\log p(z)-\log q(z)`
+    otherwise, exactly as Pyro's ``TraceMeanField_ELBO._differentiable_loss_particle`` sums them.
+    Pyro's version also computes, every step, the log-densities of the latent site under model and
+    guide that the analytic KL makes unused, the trace copies and ``ScoreParts`` of
+    ``get_importance_trace``, a NaN hook, and the structural checks; here only what enters the
+    loss is computed and the structural checks (with the mean-field site-order check) run once per
+    trace structure, as in :class:`LeanTrace_ELBO`. No ``.item()`` with ``sync_free``.
+    Falls back to ``TraceMeanField_ELBO`` for several particles, non-reparameterized or enumerated
+    guide sites, and guide-only (auxiliary) sites.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        traces = self._run(model, guide, args, kwargs)
+        if traces is None or any(s["name"] not in traces[0].nodes for s in traces[2]):
+            return pyro.infer.TraceMeanField_ELBO.differentiable_loss(
+                self, model, guide, *args, **kwargs
+            )
+        model_trace, guide_trace, _ = traces
+        elbo = 0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["is_observed"]:
+                elbo = elbo + self._score(model_trace, site)
+                continue
+            q = guide_trace.nodes[name]
+            try:
+                kl = kl_divergence(q["fn"], site["fn"])
+            except NotImplementedError:  # Monte Carlo: log p(z) - log q(z)
+                elbo = elbo + self._score(model_trace, site) - self._score(guide_trace, q)
+                continue
+            kl = scale_and_mask(kl, scale=q["scale"], mask=q["mask"])
+            if torch.is_tensor(kl):
+                kl_sum = kl.sum()
+            else:
+                kl_sum = kl * torch.Size(q["fn"].batch_shape).numel()
+            elbo = elbo - kl_sum
+        if is_validation_enabled():
+            self._validate_once(model_trace, guide_trace)
+        if self.sync_free:
+            return -elbo
+        # Trace_ELBO.differentiable_loss's float + (surrogate - surrogate.item()), bit for bit
+        loss = -elbo.item()
+        surrogate_loss = -elbo
+        return loss + (surrogate_loss - surrogate_loss.item())
+
+    def _validate_once(self, model_trace, guide_trace) -> None:
+        key = self._signature(model_trace, guide_trace)
+        if key != self._validated:
+            from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
+
+            _check_mean_field_requirement(model_trace, guide_trace)
+            with torch.no_grad():  # the shape check reads log p(z), which the KL made unused
+                for site in model_trace.nodes.values():
+                    if site["type"] == "sample" and "log_prob" not in site:
+                        if not site_is_subsample(site):
+                            self._score(model_trace, site)
+        super()._validate_once(model_trace, guide_trace)
+
+
 def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.infer.ELBO:
     """The ``pyro.infer`` ELBO for ``train.objective`` with ``num_particles`` samples (vectorized)."""
     kw = dict(
@@ -162,7 +238,7 @@ def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.inf
     if objective == "trace_elbo":
         return LeanTrace_ELBO(**kw)
     if objective == "mean_field":
-        return pyro.infer.TraceMeanField_ELBO(**kw)
+        return LeanTraceMeanField_ELBO(**kw)
     if objective == "iwae":
         return pyro.infer.RenyiELBO(alpha=0.0, **kw)
     raise ValueError(f"unknown objective {objective!r}: expected trace_elbo | mean_field | iwae")

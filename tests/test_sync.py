@@ -11,7 +11,7 @@ from conftest import nan_loss_at, tiny_config
 
 import pyrovae
 from pyrovae import train as train_mod
-from pyrovae.objectives import LeanTrace_ELBO
+from pyrovae.objectives import LeanTrace_ELBO, LeanTraceMeanField_ELBO
 
 
 def deferred(monkeypatch, every: int) -> None:
@@ -58,7 +58,14 @@ def test_deferred_reads_still_roll_back_a_nonfinite_loss(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
-def test_sync_free_lean_elbo_matches_trace_elbo():
+@pytest.mark.parametrize(
+    "pyro_cls,lean_cls",
+    [
+        (pyro.infer.Trace_ELBO, LeanTrace_ELBO),
+        (pyro.infer.TraceMeanField_ELBO, LeanTraceMeanField_ELBO),
+    ],
+)
+def test_sync_free_lean_elbo_matches_pyro_s(pyro_cls, lean_cls):
     """``sync_free`` returns the surrogate: the gradient is bit-identical, the value equal up to
     float32 rounding (it is summed on the device rather than in Python floats)."""
     cfg = pyrovae.load_config(tiny_config())
@@ -67,8 +74,8 @@ def test_sync_free_lean_elbo_matches_trace_elbo():
     vae.register_params = False
     x = data.x_train[:32]
     out = []
-    for elbo in (pyro.infer.Trace_ELBO(), LeanTrace_ELBO()):
-        if isinstance(elbo, LeanTrace_ELBO):
+    for elbo in (pyro_cls(), lean_cls()):
+        if isinstance(elbo, lean_cls):
             elbo.sync_free = True
         pyro.set_rng_seed(1)
         vae.zero_grad()
