@@ -222,9 +222,9 @@ class LeanTraceMeanField_ELBO(LeanTrace_ELBO, pyro.infer.TraceMeanField_ELBO):
             _check_mean_field_requirement(model_trace, guide_trace)
             with torch.no_grad():  # the shape check reads log p(z), which the KL made unused
                 for site in model_trace.nodes.values():
-                    if site["type"] == "sample" and "log_prob" not in site:
-                        if not site_is_subsample(site):
-                            self._score(model_trace, site)
+                    missing = site["type"] == "sample" and "log_prob" not in site
+                    if missing and not site_is_subsample(site):
+                        self._score(model_trace, site)
         super()._validate_once(model_trace, guide_trace)
 
 

@@ -326,26 +326,24 @@ class Trainer:
         ``validate_every_step``): a bad value shows up as a non-finite loss at the next read and
         the epoch is rolled back."""
         t = self.config.train
+        sync = self.sync_every
         first = self.step_in_epoch
+        total, count = 0.0, 0
+        pending: torch.Tensor | None = None  # losses since the last host read
+        n_pending = 0
         bar = tqdm(
             range(first, n_batches),
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
             leave=False,
             disable=None if self.progress is None else not self.progress,
         )
-        sync = self.sync_every
-        total, count = 0.0, 0
-        pending: torch.Tensor | None = None  # losses since the last host read
-        n_pending = 0
         for s in bar:
             if self.is_vae:
                 self.model.kl_scale = kl_scale(
                     t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches
                 )
-            if s > first and not self.validate_every_step:
-                with pyro.validation_enabled(False):
-                    loss = self._step(self._batch(s), check=sync == 1)
-            else:
+            skip_checks = s > first and not self.validate_every_step
+            with pyro.validation_enabled(False) if skip_checks else contextlib.nullcontext():
                 loss = self._step(self._batch(s), check=sync == 1)
             pending = loss if pending is None else pending + loss
             n_pending += 1
