@@ -93,7 +93,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
                 if args.curve_k > 0
                 else ""
             )
-            + f"val ELBO {point['val_elbo']:.2f}",
+            + (f"val ELBO {point['val_elbo']:.2f}" if point["val_elbo"] is not None else "no validation split"),
             flush=True,
         )
     result = {
@@ -202,7 +202,8 @@ def markdown(results: dict) -> str:
         for c in keep:
             curves.append(
                 f"| {name} | {c['epochs']} | {c['train_minutes']:.1f} | "
-                f"{c['test_nll']:.2f} ± {c['se']:.2f} | {c['val_elbo']:.2f} |"
+                f"{c['test_nll']:.2f} ± {c['se']:.2f} | "
+                + (f"{c['val_elbo']:.2f} |" if c["val_elbo"] is not None else "– |")
             )
     return "\n".join(rows + curves)
 

@@ -27,6 +27,9 @@ Variants (``--variants``, comma-separated; ``all`` for the main ones; default
 ``mean_field``           the trainer with ``objective = "mean_field"`` (``TraceMeanField_ELBO``)
 ``jit``                  ``JitTrace_ELBO`` (parameters through the param store, as JIT requires)
 ``jit_mean_field``       ``JitTraceMeanField_ELBO``
+``fast_path``            the trainer with ``objective = "mean_field"``, ``fast_path = true``: the
+                         loss computed without Pyro's handlers on the steps that skip validation
+``fast_path_trace``      the same with ``objective = "trace_elbo"``
 ``no_validation``        the trainer under ``pyro.enable_validation(False)`` (validation's cost)
 ``pyrovae_fused``        the trainer with ``Adam(fused=True)`` only
 ``pyrovae_foreach``      the trainer with ``Adam(foreach=True)`` only
@@ -91,7 +94,7 @@ DEFAULT_ROOT = str((ROOT / ".." / "shared" / "data" / "mnist").resolve())
 DEFAULT_VARIANTS = "handwritten,pyrovae,mean_field,lean,lean_plus"
 ALL_VARIANTS = (
     "handwritten,handwritten_fused,pyrovae,mean_field,jit,jit_mean_field,no_validation,"
-    "pyrovae_fused,lean,lean_fused,lean_plus,lean_compiled,pure_trace"
+    "pyrovae_fused,lean,lean_fused,lean_plus,lean_compiled,pure_trace,fast_path,fast_path_trace"
 )
 
 
@@ -269,8 +272,8 @@ class PyroVAERunner(Runner):
         # Pyro's validation on each epoch's first step only, unless validate_every_step
         if self.no_validation or (s > 0 and not tr.validate_every_step):
             pyro.enable_validation(False)
-            try:
-                return tr._step(tr._batch(s), check=check)
+            try:  # train.fast_path: these steps compute the loss without Pyro's handlers
+                return tr._step(tr._batch(s), check=check, direct=t.fast_path)
             finally:
                 pyro.enable_validation(True)
         return tr._step(tr._batch(s), check=check)
@@ -359,6 +362,10 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "validate_every_step", True))
     if name == "mean_field":
         return PyroVAERunner(name, data, cfg_for("mean_field"), device)
+    if name in ("fast_path", "fast_path_trace"):  # train.fast_path = true (objectives.direct_loss)
+        cfg = cfg_for("mean_field" if name == "fast_path" else "trace_elbo")
+        cfg.train.fast_path = True
+        return PyroVAERunner(name, data, cfg, device)
     if name == "no_validation":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, no_validation=True)
     if name == "jit":

@@ -228,6 +228,68 @@ class LeanTraceMeanField_ELBO(LeanTrace_ELBO, pyro.infer.TraceMeanField_ELBO):
         super()._validate_once(model_trace, guide_trace)
 
 
+def direct_loss(vae, x: torch.Tensor, n_data: int | None, objective: str, sync_free: bool = False):
+    r"""The loss :class:`LeanTrace_ELBO` (``objective = "trace_elbo"``) or
+    :class:`LeanTraceMeanField_ELBO` (``"mean_field"``) computes for ``vae.model``/``vae.guide``,
+    without running them through Pyro's effect handlers: the fast path of ``train.fast_path``.
+
+    It evaluates the program's own pieces in the program's order, with the same random draw:
+
+    .. math::  q = q_\phi(\cdot\mid x),\; z = q.\mathrm{rsample}(),\; p = p(z)\ \text{expanded to the plate},
+               \; \ell = \log p_\theta(x\mid z)
+
+    and scales each site's log-density by what ``pyro.plate`` and ``poutine.scale``/``mask`` would
+    (:math:`\beta` on ``z``, then :math:`N/B` for a subsampled plate), summed in Trace_ELBO's site
+    order: model ``z``, model ``x``, guide ``z`` (``trace_elbo``); :math:`-\mathrm{KL}(q\|p)` (analytic
+    where registered, else :math:`\log p(z) - \log q(z)`) then ``x`` (``mean_field``). Loss and
+    gradients equal the Pyro path's bit for bit (``tests/test_fast_path.py``, every prior, likelihood
+    and guide kind). What it does not do is what the trainer switches off on these steps anyway:
+    Pyro's validation (structure, arguments, supports). Returns ``None`` where it does not apply
+    (another objective, several particles): the caller then runs the Pyro program.
+    """
+    if objective not in ("trace_elbo", "mean_field"):
+        return None
+    b = x.shape[0]
+    beta = vae.kl_scale
+    # poutine.scale(beta) / poutine.mask(False) on z (VAE._kl_weight), then the plate's N / B
+    z_scale, z_mask = (1.0, False) if beta == 0.0 else (beta * 1.0 if beta != 1.0 else 1.0, None)
+    x_scale = 1.0
+    if n_data is not None and n_data != b:
+        z_scale, x_scale = z_scale * n_data / b, x_scale * n_data / b
+    q = vae.posterior(x)
+    if not q.has_rsample:
+        return None
+    z = q.rsample()
+    p = vae.prior()
+    if p.batch_shape != (b,):  # what pyro.plate's broadcast does to the prior
+        p = p.expand(torch.Size([b]))
+    lik = vae.likelihood(vae._unflatten(vae.decoder(z)))
+
+    def score(d, value, scale, mask=None):
+        return scale_and_mask(d.log_prob(value), scale, mask).sum()
+
+    if objective == "mean_field":
+        try:
+            kl = scale_and_mask(kl_divergence(q, p), scale=z_scale, mask=z_mask)
+            elbo = 0 - kl.sum()
+        except NotImplementedError:  # Monte Carlo: log p(z) - log q(z)
+            elbo = 0 + score(p, z, z_scale, z_mask) - score(q, z, z_scale, z_mask)
+        elbo = elbo + score(lik, x, x_scale)
+        if sync_free:
+            return -elbo
+        loss = -elbo.item()
+        surrogate_loss = -elbo
+        return loss + (surrogate_loss - surrogate_loss.item())
+    lpz, lpx = score(p, z, z_scale, z_mask), score(lik, x, x_scale)
+    lqz = score(q, z, z_scale, z_mask)
+    surrogate = 0 + lpz + lpx - lqz
+    if sync_free:
+        return -surrogate
+    loss = -(0 + lpz.item() + lpx.item() - lqz.item())
+    surrogate_loss = -surrogate
+    return loss + (surrogate_loss - surrogate_loss.item())
+
+
 def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.infer.ELBO:
     """The ``pyro.infer`` ELBO for ``train.objective`` with ``num_particles`` samples (vectorized)."""
     kw = dict(

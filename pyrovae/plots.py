@@ -88,11 +88,13 @@ def loss_curves(history: list[dict], path: Path, kind: str) -> Path:
     ep = [h["epoch"] for h in history]
     if kind == "vae":
         ax.plot(ep, [h["train_elbo"] for h in history], label="train ELBO (β-weighted)")
-        ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO")
+        if any(h["val_elbo"] is not None for h in history):  # None: no validation split
+            ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO")
         ax.set_ylabel("nats per datapoint")
     else:
         ax.plot(ep, [h["train_loss"] for h in history], label="train loss")
-        ax.plot(ep, [h["val_loss"] for h in history], label="validation loss")
+        if any(h["val_loss"] is not None for h in history):
+            ax.plot(ep, [h["val_loss"] for h in history], label="validation loss")
         ax.set_ylabel("reconstruction loss per datapoint")
     ax.set_xlabel("epoch")
     ax.legend()

@@ -46,7 +46,7 @@ from pyrovae.config import Config, load_config
 from pyrovae.data import Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from pyrovae.model import VAE
-from pyrovae.objectives import kl_scale, make_elbo
+from pyrovae.objectives import direct_loss, kl_scale, make_elbo
 
 METRICS = "metrics.json"
 #: on CUDA the trainer reads the loss on the host once every this many steps (``Trainer._run_steps``)
@@ -280,8 +280,9 @@ class Trainer:
             x = torch.bernoulli(x, generator=self.gen)
         return x
 
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Loss per datapoint for the batch (the negative (β-)ELBO estimate / N, or the AE loss)."""
+    def _loss(self, x: torch.Tensor, direct: bool = False) -> torch.Tensor:
+        """Loss per datapoint for the batch (the negative (β-)ELBO estimate / N, or the AE loss).
+        ``direct``: the same loss without Pyro's effect handlers (``objectives.direct_loss``)."""
         if not self.is_vae:
             return self.model.loss(x, self.gen if self.device.type == "cpu" else None)
         if self.config.train.objective == "iwae":
@@ -289,9 +290,15 @@ class Trainer:
             return torch.as_tensor(
                 self.elbo.loss_and_grads(self.model.model, self.model.guide, x, self.n) / self.n
             )
+        if direct and self.elbo.num_particles == 1:
+            loss = direct_loss(
+                self.model, x, self.n, self.config.train.objective, getattr(self.elbo, "sync_free", False)
+            )
+            if loss is not None:
+                return loss / self.n
         return self.elbo.differentiable_loss(self.model.model, self.model.guide, x, self.n) / self.n
 
-    def _step(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, check: bool = True, direct: bool = False) -> torch.Tensor:
         """One optimizer step on batch ``x``; returns the detached loss (a 0-dim tensor).
 
         With ``check`` the loss is read on the host first and a non-finite value skips the
@@ -300,7 +307,7 @@ class Trainer:
         synchronization, and a bad value is caught there and rolled back (see ``_run_steps``).
         """
         self.opt.zero_grad(set_to_none=True)
-        loss = self._loss(x)
+        loss = self._loss(x, direct)
         if loss.requires_grad:
             loss.backward()
         loss = loss.detach()
@@ -344,7 +351,9 @@ class Trainer:
                 )
             skip_checks = s > first and not self.validate_every_step
             with pyro.validation_enabled(False) if skip_checks else contextlib.nullcontext():
-                loss = self._step(self._batch(s), check=sync == 1)
+                loss = self._step(
+                    self._batch(s), check=sync == 1, direct=skip_checks and t.fast_path
+                )
             pending = loss if pending is None else pending + loss
             n_pending += 1
             self.step_in_epoch = s + 1
@@ -363,7 +372,11 @@ class Trainer:
                 return total / max(count, 1), False
         return total / max(count, 1), True
 
-    def validate(self) -> float:
+    def validate(self) -> float | None:
+        """Mean validation ELBO (VAE) or loss (AE) per datapoint; ``None`` when no validation
+        split is held out (``data.val_fraction = 0``: train on every training point)."""
+        if len(self.x_val) == 0:
+            return None
         self.model.eval()
         try:
             if self.is_vae:
@@ -410,7 +423,7 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 scale = self.model.kl_scale if self.is_vae else None
                 val = self.validate()
-                if not math.isfinite(val):
+                if val is not None and not math.isfinite(val):
                     self._recover(_NonFinite(self.epoch, -1, val), good, good_rng)
                     continue
                 row = {"epoch": self.epoch + 1, "epoch_seconds": seconds, "lr": self.lr}

@@ -51,7 +51,7 @@ KEYS = [
     "variant", "noise", "hidden", "activation", "channels", "components", "layers", "scale",
     "objective", "num_particles", "beta", "kl_warmup_epochs", "epochs", "batch_size", "lr",
     "seed", "device", "max_retries", "lr_backoff", "lr_decay", "lr_min",
-    "validate_every_step",
+    "validate_every_step", "fast_path",
 ]  # fmt: skip
 WORDS = sorted(
     {k for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES) for k in r.kinds()}

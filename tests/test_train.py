@@ -119,6 +119,23 @@ def test_bad_input_leaves_no_run_folder(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["vae", "ae"])
+def test_no_validation_split_trains_on_every_training_point(tmp_path, kind):
+    """``data.val_fraction = 0`` (the MNIST benchmark trains on all 60,000 images): no
+    validation metric (None, JSON null), the curves figure and the test metrics still there."""
+    run = pyrovae.fit(
+        tiny_config(data={"val_fraction": 0.0}, model={"kind": kind}, train={"epochs": 2}),
+        tmp_path / kind,
+        progress=False,
+    )
+    assert len(run.data.x_val) == 0
+    key = "val_elbo" if kind == "vae" else "val_loss"
+    saved = json.loads((tmp_path / kind / "metrics.json").read_text())["history"]
+    assert [h[key] for h in saved] == [None, None]
+    assert all(h["train_" + ("elbo" if kind == "vae" else "loss")] is not None for h in saved)
+    assert list((tmp_path / kind / "figures").glob("*.png"))
+
+
 def test_dynamic_binarization_with_bernoulli_trains(tmp_path):
     run = pyrovae.fit(
         tiny_config(data={"binarize": "dynamic"}, model={"likelihood": {"kind": "bernoulli"}}),
