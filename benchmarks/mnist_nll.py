@@ -1,7 +1,8 @@
 """Test NLL on dynamically binarized MNIST for the shipped configs, against wall-clock time.
 
-Protocol (BRIEF §4): train on 50,000 of the 60,000 training images (10,000 held out for
-validation), binarized afresh every time a batch is drawn; the 10,000 test images are binarized
+Protocol (BRIEF §4): train on the official training images — all 60,000 (``mnist_vae``,
+``data.val_fraction = 0``) or 50,000 with 10,000 held out for validation (the other configs) —
+binarized afresh every time a batch is drawn; the 10,000 test images are binarized
 once with a fixed seed. The reported number is the importance-sampled negative log-likelihood
 -log p(x) ≈ -log (1/K) Σ_k p(x, z_k)/q(z_k|x) with K samples (the IWAE bound; an upper bound on
 the true NLL that tightens as K grows), in nats per test image. ELBOs are reported separately and

@@ -228,6 +228,33 @@ class LeanTraceMeanField_ELBO(LeanTrace_ELBO, pyro.infer.TraceMeanField_ELBO):
         super()._validate_once(model_trace, guide_trace)
 
 
+def direct_loss_applies(vae, x: torch.Tensor, n_data: int | None) -> bool:
+    """Whether :func:`direct_loss` computes exactly what the Pyro program does: run the guide and
+    the replayed model once under ``poutine.trace`` and check that their only sample sites are the
+    ones ``direct_loss`` evaluates (guide: ``z``; model: ``z``, then the observed ``x``) and that
+    ``z`` is reparameterized. A prior, likelihood or guide that adds Pyro sites of its own (a
+    hierarchical prior, say) fails the check and keeps the trainer on the Pyro program."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices):  # leaves the random stream untouched
+        g = poutine.trace(vae.guide).get_trace(x, n_data)
+        m = poutine.trace(poutine.replay(vae.model, trace=g)).get_trace(x, n_data)
+
+    def sites(tr):
+        return [
+            (n, s["is_observed"])
+            for n, s in tr.nodes.items()
+            if s["type"] == "sample" and not site_is_subsample(s)
+        ]
+
+    params = any(s["type"] == "param" for tr in (g, m) for s in tr.nodes.values())
+    return (
+        sites(g) == [("z", False)]
+        and sites(m) == [("z", False), ("x", True)]
+        and getattr(g.nodes["z"]["fn"], "has_rsample", False)
+        and not params
+    )
+
+
 def direct_loss(vae, x: torch.Tensor, n_data: int | None, objective: str, sync_free: bool = False):
     r"""The loss :class:`LeanTrace_ELBO` (``objective = "trace_elbo"``) or
     :class:`LeanTraceMeanField_ELBO` (``"mean_field"``) computes for ``vae.model``/``vae.guide``,

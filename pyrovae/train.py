@@ -46,7 +46,7 @@ from pyrovae.config import Config, load_config
 from pyrovae.data import Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from pyrovae.model import VAE
-from pyrovae.objectives import direct_loss, kl_scale, make_elbo
+from pyrovae.objectives import direct_loss, direct_loss_applies, kl_scale, make_elbo
 
 METRICS = "metrics.json"
 #: on CUDA the trainer reads the loss on the host once every this many steps (``Trainer._run_steps``)
@@ -195,6 +195,8 @@ class Trainer:
         #: is read every step on CPU (every ``sync_every`` steps elsewhere) and rolled back.
         #: ``train.validate_every_step = true``: every step, as a bare ``SVI.step`` loop does
         self.validate_every_step = t.validate_every_step
+        #: whether ``train.fast_path`` applies to this model (decided on first use)
+        self._direct_ok: bool | None = None
         if self.is_vae and hasattr(self.elbo, "sync_free"):
             self.elbo.sync_free = self.sync_every > 1
 
@@ -290,13 +292,26 @@ class Trainer:
             return torch.as_tensor(
                 self.elbo.loss_and_grads(self.model.model, self.model.guide, x, self.n) / self.n
             )
-        if direct and self.elbo.num_particles == 1:
+        if direct and self._direct_applies(x):
             loss = direct_loss(
                 self.model, x, self.n, self.config.train.objective, getattr(self.elbo, "sync_free", False)
             )
             if loss is not None:
                 return loss / self.n
         return self.elbo.differentiable_loss(self.model.model, self.model.guide, x, self.n) / self.n
+
+    def _direct_applies(self, x: torch.Tensor) -> bool:
+        """``train.fast_path`` applies to this model (checked once: ``direct_loss_applies``)."""
+        if self._direct_ok is None:
+            self._direct_ok = self.elbo.num_particles == 1 and direct_loss_applies(
+                self.model, x, self.n
+            )
+            if not self._direct_ok:
+                tqdm.write(
+                    "pyrovae: train.fast_path does not apply to this model (its Pyro program has "
+                    "sites beyond z and x, or several particles); every step runs through Pyro"
+                )
+        return self._direct_ok
 
     def _step(self, x: torch.Tensor, check: bool = True, direct: bool = False) -> torch.Tensor:
         """One optimizer step on batch ``x``; returns the detached loss (a 0-dim tensor).

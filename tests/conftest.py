@@ -51,9 +51,9 @@ def nan_loss_at(monkeypatch, n: int) -> None:
     calls = {"n": 0}
     orig = train_mod.Trainer._loss
 
-    def loss(self, x):
+    def loss(self, x, *args, **kwargs):
         calls["n"] += 1
-        out = orig(self, x)
+        out = orig(self, x, *args, **kwargs)
         return out * float("nan") if calls["n"] == n else out
 
     monkeypatch.setattr(train_mod.Trainer, "_loss", loss)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyrovae import VAE, load_config
-from pyrovae.objectives import direct_loss, make_elbo
+from pyrovae.objectives import direct_loss, direct_loss_applies, make_elbo
 
 SHAPE = (1, 8, 8)
 
@@ -95,6 +95,28 @@ _CFG = {
         "decoder": {"kind": "mlp", "hidden": [16]},
     },
 }
+
+
+def test_fast_path_applies_only_to_the_sites_it_evaluates():
+    """A model with a Pyro site of its own (here a global scale) keeps the Pyro program; the
+    check does not move the random stream."""
+    x = digits(8, binary=True)
+    v = vae()
+    v.register_params = False
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert direct_loss_applies(v, x, 100)
+    assert torch.equal(torch.get_rng_state(), state)
+    model = v.model
+
+    def hierarchical(x, n_data=None):
+        pyro.sample("w", pyro.distributions.Normal(0.0, 1.0))
+        return model(x, n_data)
+
+    v.model = hierarchical
+    assert not direct_loss_applies(v, x, 100)
+    v.model, v.register_params = model, True  # pyro.module: parameters through the param store
+    assert not direct_loss_applies(v, x, 100)
 
 
 def _train(tmp_path, name: str, **train) -> tuple[dict, list[dict]]:
