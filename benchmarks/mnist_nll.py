@@ -275,6 +275,7 @@ def main() -> None:
                 if name not in args.configs.split(","):
                     continue
                 merged[name if i == 0 else f"{name} ({label or Path(folder).name})"] = r
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         plot(merged, Path(args.out) / "nll_vs_time.png")
         return
     if args.markdown:

@@ -338,7 +338,7 @@ def _jit(elbo_cls):
         vae, n = tr.model, tr.n
         vae.register_params = True  # JIT reads parameters from the param store
         tr.elbo = elbo_cls(max_plate_nesting=1, ignore_jit_warnings=True)
-        tr._loss = lambda x: tr.elbo.differentiable_loss(vae.model, vae.guide, x, n_data=n) / n
+        tr._loss = lambda x, *_: tr.elbo.differentiable_loss(vae.model, vae.guide, x, n_data=n) / n
         tr.perm = torch.randperm(tr.n, generator=tr.gen, device=tr.device)
         tr._loss(tr._batch(0)).backward()  # trace once (timed as setup); no optimizer step
         tr.opt.zero_grad(set_to_none=True)
@@ -348,7 +348,7 @@ def _jit(elbo_cls):
 
 def patch_pure_trace(tr: Trainer) -> None:
     vae, n = tr.model, tr.n
-    tr._loss = lambda x: pure_trace_loss(vae, x, n)
+    tr._loss = lambda x, *_: pure_trace_loss(vae, x, n)
 
 
 def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:

@@ -279,7 +279,7 @@ def direct_loss(vae, x: torch.Tensor, n_data: int | None, objective: str, sync_f
     b = x.shape[0]
     beta = vae.kl_scale
     # poutine.scale(beta) / poutine.mask(False) on z (VAE._kl_weight), then the plate's N / B
-    z_scale, z_mask = (1.0, False) if beta == 0.0 else (beta * 1.0 if beta != 1.0 else 1.0, None)
+    z_scale, z_mask = (1.0, False) if beta == 0.0 else (float(beta), None)
     x_scale = 1.0
     if n_data is not None and n_data != b:
         z_scale, x_scale = z_scale * n_data / b, x_scale * n_data / b

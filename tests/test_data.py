@@ -622,3 +622,21 @@ def test_read_idx_never_leaks_raw_exceptions(tmp_path: Path, blob: bytes, gz: bo
         assert str(path) in str(e)
     else:
         assert isinstance(arr, np.ndarray) and arr.ndim == blob[3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1,), (7,), (128, 784), (3, 1, 8, 8)])
+def test_fast_bernoulli_draws_what_torch_bernoulli_draws(dtype, shape):
+    """The trainer's dynamic binarization (``data.bernoulli``, u < p on CPU) gives torch.bernoulli's
+    values bit for bit and leaves the generator in the same state, so seeds reproduce."""
+    from pyrovae.data import bernoulli
+
+    p = torch.rand(shape, dtype=dtype)
+    p.view(-1)[:1] = 0.0
+    p.view(-1)[-1:] = 1.0
+    for seed in (0, 1, 12345):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(2):
+            want, got = torch.bernoulli(p, generator=g1), bernoulli(p, g2)
+            assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(g1.get_state(), g2.get_state())

@@ -56,7 +56,9 @@ def loss_and_grads(v: VAE, fn) -> tuple[float, list[torch.Tensor]]:
 )
 @pytest.mark.parametrize("objective", ["trace_elbo", "mean_field"])
 @pytest.mark.parametrize("n_data", [100, None])
-def test_direct_loss_is_bit_identical_to_the_pyro_program(prior, lik, guide, beta, objective, n_data):
+def test_direct_loss_is_bit_identical_to_the_pyro_program(
+    prior, lik, guide, beta, objective, n_data
+):
     x = digits(8, binary=lik in ("bernoulli", "poisson", "negative_binomial"))
     pyro.set_rng_seed(0)
     v = vae(prior={"kind": prior}, likelihood={"kind": lik}, guide={"kind": guide})
@@ -138,9 +140,7 @@ def test_training_with_the_fast_path_is_unchanged(tmp_path, monkeypatch, objecti
 
     calls = []
     real = train_mod.direct_loss
-    monkeypatch.setattr(
-        train_mod, "direct_loss", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    monkeypatch.setattr(train_mod, "direct_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     slow, h_slow = _train(tmp_path, "slow", objective=objective)
     assert calls == []
     fast, h_fast = _train(tmp_path, "fast", objective=objective, fast_path=True)

@@ -277,7 +277,9 @@ def test_nonfinite_loss_gives_up_with_clear_error(tmp_path, monkeypatch):
     from pyrovae import train as train_mod
 
     orig = train_mod.Trainer._loss
-    monkeypatch.setattr(train_mod.Trainer, "_loss", lambda self, x: orig(self, x) * float("inf"))
+    monkeypatch.setattr(
+        train_mod.Trainer, "_loss", lambda self, x, *a: orig(self, x, *a) * float("inf")
+    )
     with pytest.raises(TrainingError, match="non-finite.*3 retries"):
         pyrovae.fit(tiny_config(train={"max_retries": 3}), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()  # nothing resumable was written
