@@ -167,11 +167,11 @@ def bernoulli(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``torch.bernoulli(probs, generator=generator)``: the same draws, faster on CPU, and with a
     generator on another device too.
 
-    On CPU, ``torch.bernoulli`` with a tensor of probabilities draws element by element
-    (≈ 1.3 ms for a 128×784 batch on the benchmark machine); :math:`u < p` with
-    ``u = torch.rand(...)`` consumes the same uniforms in the same order, so it gives the same
-    values **bit for bit** and leaves the generator in the same state (``tests/test_data.py``
-    checks both), in ≈ 0.5 ms. On CUDA, ``torch.bernoulli`` itself.
+    On CPU, :math:`u < p` with ``u = torch.rand(...)`` consumes the same uniforms in the same
+    order as ``torch.bernoulli``, so it gives the same values **bit for bit** and leaves the
+    generator in the same state (``tests/test_data.py`` checks both), and is faster: 0.40 against
+    0.47 ms for a 128×784 MNIST batch, 0.54 against 1.28 ms when the probabilities are spread over
+    (0, 1). On CUDA, ``torch.bernoulli`` itself.
     """
     if generator.device == probs.device and probs.device.type != "cpu":
         return torch.bernoulli(probs, generator=generator)
