@@ -57,3 +57,28 @@ def nan_loss_at(monkeypatch, n: int) -> None:
         return out * float("nan") if calls["n"] == n else out
 
     monkeypatch.setattr(train_mod.Trainer, "_loss", loss)
+
+
+#: one case per kind of block (prior, likelihood, guide, β): analytic and Monte-Carlo KL, every
+#: likelihood family, the flow guide, β-scaling and β = 0 (the lean / fast-path equality tests)
+BLOCK_CASES = [
+    ("normal", "bernoulli", "normal", 1.0),
+    ("mixture", "bernoulli", "normal", 1.0),
+    ("vamp", "continuous_bernoulli", "normal", 1.0),
+    ("flow", "normal", "flow", 1.0),
+    ("normal_learned", "poisson", "normal", 0.3),
+    ("normal", "negative_binomial", "normal", 0.0),
+    ("normal", "laplace", "normal", 1.0),
+]
+
+
+def small_vae(**model):
+    """A tiny VAE for 8x8 digits (latent 3, one hidden layer of 16); ``model`` overrides blocks."""
+    from pyrovae import VAE, load_config
+
+    base = {
+        "latent_dim": 3,
+        "encoder": {"kind": "mlp", "hidden": [16]},
+        "decoder": {"kind": "mlp", "hidden": [16]},
+    }
+    return VAE(load_config({"model": {**base, **model}}).model, (1, 8, 8))

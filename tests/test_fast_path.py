@@ -10,11 +10,11 @@ import json
 import pyro
 import pytest
 import torch
+from conftest import BLOCK_CASES
+from conftest import small_vae as vae
 
 from pyrovae import VAE, load_config
 from pyrovae.objectives import direct_loss, direct_loss_applies, make_elbo
-
-SHAPE = (1, 8, 8)
 
 
 def digits(n: int, binary: bool) -> torch.Tensor:
@@ -22,15 +22,6 @@ def digits(n: int, binary: bool) -> torch.Tensor:
 
     x = torch.tensor(load_digits().data[:n], dtype=torch.float32) / 16
     return x.round() if binary else x
-
-
-def vae(**model) -> VAE:
-    base = {
-        "latent_dim": 3,
-        "encoder": {"kind": "mlp", "hidden": [16]},
-        "decoder": {"kind": "mlp", "hidden": [16]},
-    }
-    return VAE(load_config({"model": {**base, **model}}).model, SHAPE)
 
 
 def loss_and_grads(v: VAE, fn) -> tuple[float, list[torch.Tensor]]:
@@ -42,17 +33,7 @@ def loss_and_grads(v: VAE, fn) -> tuple[float, list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    "prior,lik,guide,beta",
-    [
-        ("normal", "bernoulli", "normal", 1.0),
-        ("mixture", "bernoulli", "normal", 1.0),
-        ("vamp", "continuous_bernoulli", "normal", 1.0),
-        ("flow", "normal", "flow", 1.0),
-        ("normal_learned", "poisson", "normal", 0.3),
-        ("normal", "negative_binomial", "normal", 0.0),
-        ("normal", "laplace", "normal", 1.0),
-        ("mixture", "normal", "normal", 0.5),
-    ],
+    "prior,lik,guide,beta", [*BLOCK_CASES, ("mixture", "normal", "normal", 0.5)]
 )
 @pytest.mark.parametrize("objective", ["trace_elbo", "mean_field"])
 @pytest.mark.parametrize("n_data", [100, None])

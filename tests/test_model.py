@@ -9,22 +9,14 @@ import pyro
 import pyro.optim
 import pytest
 import torch
+from conftest import BLOCK_CASES
+from conftest import small_vae as vae
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
-from pyrovae import VAE, load_config
 from pyrovae.objectives import kl_scale, make_elbo
 
 SHAPE = (1, 8, 8)
-
-
-def vae(**model) -> VAE:
-    base = {
-        "latent_dim": 3,
-        "encoder": {"kind": "mlp", "hidden": [16]},
-        "decoder": {"kind": "mlp", "hidden": [16]},
-    }
-    return VAE(load_config({"model": {**base, **model}}).model, SHAPE)
 
 
 def data(n=20, binary=False):
@@ -195,18 +187,7 @@ def test_conv_vae_on_images():
     assert v.reconstruct(x).shape == (4, 64)
 
 
-@pytest.mark.parametrize(
-    "prior,lik,guide,beta",
-    [
-        ("normal", "bernoulli", "normal", 1.0),
-        ("mixture", "bernoulli", "normal", 1.0),
-        ("vamp", "continuous_bernoulli", "normal", 1.0),
-        ("flow", "normal", "flow", 1.0),
-        ("normal_learned", "poisson", "normal", 0.3),
-        ("normal", "negative_binomial", "normal", 0.0),
-        ("normal", "laplace", "normal", 1.0),
-    ],
-)
+@pytest.mark.parametrize("prior,lik,guide,beta", BLOCK_CASES)
 @pytest.mark.parametrize("objective", ["trace_elbo", "mean_field"])
 def test_lean_elbos_are_bit_identical_to_pyro_s(prior, lik, guide, beta, objective):
     """The trainer's LeanTrace_ELBO / LeanTraceMeanField_ELBO (+ data trusted after the one-time
