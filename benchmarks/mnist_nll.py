@@ -45,7 +45,8 @@ def nll(run: pyrovae.Run, x: torch.Tensor, k: int) -> tuple[float, float]:
 
 def train_one(name: str, args: argparse.Namespace) -> dict:
     cfg = pyrovae.load_config(
-        ROOT / "examples" / "configs" / f"mnist_{name}.toml", [f'data.root="{args.root}"']
+        ROOT / "examples" / "configs" / f"mnist_{name}.toml",
+        [f'data.root="{args.root}"', *args.set],
     )
     data = pyrovae.load_data(cfg.data, seed=cfg.train.seed)
     out = Path(args.out) / name
@@ -99,6 +100,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         )
     result = {
         "config": f"examples/configs/mnist_{name}.toml",
+        "overrides": list(args.set),
         "epochs": epochs,
         "train_minutes": spent / 60,
         "threads": torch.get_num_threads(),
@@ -236,6 +238,14 @@ def main() -> None:
     p.add_argument("--configs", default="vae,mixture,vamp,iwae5")
     p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     p.add_argument("--out", default="runs/mnist_nll")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value for training (TOML syntax, as `pyrovae fit --set`), "
+        "e.g. --set train.objective='\"trace_elbo\"'; repeatable",
+    )
     p.add_argument("--minutes", type=float, default=60.0, help="training budget per model")
     p.add_argument("--chunk-epochs", type=int, default=10)
     p.add_argument("--curve-k", type=int, default=100)
