@@ -25,7 +25,11 @@ Variants (``--variants``, comma-separated; ``all`` for the main ones; default
 ``handwritten_foreach``  the reference with ``Adam(foreach=True)``
 ``handwritten_tuned``    the reference with fused Adam and pyrovae's binarization (``u < p``, the same
                          values as ``torch.bernoulli``): what pyrovae's own choices give plain code
+``handwritten_fastmath`` ``handwritten_tuned`` + ``pyrovae.fastmath``'s softplus and Bernoulli
+                         log-density: every kernel choice pyrovae makes, in plain code (the floor)
 ``pyrovae``              ``pyrovae.train.Trainer`` as it is, ``objective = "trace_elbo"``
+``pyrovae_torch_kernels`` the same with torch's ``softplus``/``Bernoulli.log_prob`` (before fastmath)
+``fast_path_torch_kernels`` ``fast_path`` (below) with torch's kernels
 ``mean_field``           the trainer with ``objective = "mean_field"`` (``TraceMeanField_ELBO``)
 ``jit``                  ``JitTrace_ELBO`` (parameters through the param store, as JIT requires)
 ``jit_mean_field``       ``JitTraceMeanField_ELBO``
@@ -89,6 +93,7 @@ from pyro.infer.util import is_validation_enabled  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import pyrovae  # noqa: E402
+import pyrovae.fastmath  # noqa: E402
 from pyrovae.objectives import kl_scale  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
@@ -233,7 +238,7 @@ class Runner:
 
 
 class HandwrittenRunner(Runner):
-    def __init__(self, name, data, cfg, device, fused=False, fast_bin=False):
+    def __init__(self, name, data, cfg, device, fused=False, fast_bin=False, fast_math=False):
         self.name = name
         torch.manual_seed(cfg.train.seed)  # same initial weights as pyrovae's build (same layer order)
         self.t = HandwrittenTrainer(data.x_train.to(device), batch_size=cfg.train.batch_size,
@@ -243,6 +248,8 @@ class HandwrittenRunner(Runner):
         if fast_bin:  # pyrovae's binarization (u < p: torch.bernoulli's values, faster on CPU)
             t, b = self.t, self.t.batch_size
             t.batch = lambda s: pyrovae.data.bernoulli(t.x_train[t.perm[s * b : (s + 1) * b]], t.gen)
+        if fast_math:  # pyrovae.fastmath's softplus and Bernoulli log-density (same values to 2 ulp)
+            use_fastmath(self.t.model)
         self.steps_per_epoch = self.t.steps_per_epoch
 
     def new_epoch(self):
@@ -250,6 +257,42 @@ class HandwrittenRunner(Runner):
 
     def step(self, s):
         return self.t.step(self.t.batch(s))
+
+
+def use_fastmath(m) -> None:
+    """The hand-written VAE with ``pyrovae.fastmath``'s kernels in place of ``F.softplus`` and
+    ``binary_cross_entropy_with_logits``: the same code otherwise (what pyrovae's kernels give plain code)."""
+    m.encoder[1] = m.decoder[1] = pyrovae.fastmath.Softplus()
+    L = m.latent_dim
+
+    def loss(x):
+        h = m.encoder(x)
+        loc, scale = h[:, :L], pyrovae.fastmath.softplus(h[:, L:]) + 1e-5
+        z = loc + scale * torch.randn_like(loc)
+        rec = -pyrovae.fastmath.bernoulli_log_prob(m.decoder(z), x).sum()
+        kl = 0.5 * (loc.pow(2) + scale.pow(2) - 1.0).sum() - scale.log().sum()
+        return (rec + kl) / x.shape[0]
+
+    m.loss = loss
+
+
+def use_torch_kernels(tr: Trainer) -> None:
+    """The trainer with torch's own ``softplus`` and ``Bernoulli.log_prob`` (pyrovae before
+    ``pyrovae.fastmath``): swaps the activation modules, the guide's scale and the likelihood."""
+    vae = tr.model
+    for net in (vae.posterior.encoder, vae.decoder):
+        for i, layer in enumerate(net):
+            if isinstance(layer, pyrovae.fastmath.Softplus):
+                net[i] = torch.nn.Softplus()
+    guide, L = vae.posterior, vae.latent_dim
+
+    def encode(x):
+        h = guide.encoder(x)
+        return h[..., :L], F.softplus(h[..., L:]) + 1e-5
+
+    guide.encode = encode
+    lik = vae.likelihood
+    lik.forward = lambda raw: pyro.distributions.Bernoulli(logits=raw[..., 0, :], validate_args=lik.validate_args).to_event(1)
 
 
 class PyroVAERunner(Runner):
@@ -363,8 +406,16 @@ def make_runner(name: str, data, cfg_for: Callable, device) -> Runner:
         return HandwrittenRunner(name, data, cfg_for("trace_elbo"), device, fused=True)
     if name == "handwritten_tuned":  # fused Adam + pyrovae's faster binarization: the like-for-like floor
         return HandwrittenRunner(name, data, cfg_for("trace_elbo"), device, fused=True, fast_bin=True)
+    if name == "handwritten_fastmath":  # handwritten_tuned + pyrovae.fastmath's kernels: the like-for-like floor
+        return HandwrittenRunner(name, data, cfg_for("trace_elbo"), device, fused=True, fast_bin=True, fast_math=True)
     if name == "pyrovae":
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device)
+    if name == "pyrovae_torch_kernels":  # the shipped trainer with torch's softplus / Bernoulli log_prob
+        return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=use_torch_kernels)
+    if name == "fast_path_torch_kernels":
+        cfg = cfg_for("mean_field")
+        cfg.train.fast_path = True
+        return PyroVAERunner(name, data, cfg, device, patch=use_torch_kernels)
     if name == "validate_every_step":  # the shipped trainer with Pyro's validation on every step
         return PyroVAERunner(name, data, cfg_for("trace_elbo"), device, patch=lambda tr: setattr(tr, "validate_every_step", True))
     if name == "mean_field":

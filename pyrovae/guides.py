@@ -18,8 +18,8 @@ import pyro.distributions.transforms as T
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn.functional import softplus
 
+from pyrovae.fastmath import softplus
 from pyrovae.networks import build_network
 from pyrovae.registry import Registry, Spec
 

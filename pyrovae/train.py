@@ -279,7 +279,8 @@ class Trainer:
         b = self.config.train.batch_size
         x = self.x_train.index_select(0, self.perm[s * b : (s + 1) * b])
         if self.data.binarize == "dynamic":
-            x = bernoulli(x, self.gen)  # torch.bernoulli's draws bit for bit, a little faster on CPU
+            # torch.bernoulli's draws bit for bit, a little faster on CPU
+            x = bernoulli(x, self.gen)
         return x
 
     def _loss(self, x: torch.Tensor, direct: bool = False) -> torch.Tensor:
