@@ -18,6 +18,14 @@ from pyrovae.likelihoods import BernoulliLogits
 from pyrovae.networks import MLP, NETWORKS
 
 
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """Exercise the kernels on any machine and at any size (in use they run only where they pay:
+    AVX512 ATen kernels, at least ``MIN_NUMEL`` elements; see ``test_dispatch``)."""
+    monkeypatch.setattr(fastmath, "SCALAR_LOG1P", True)
+    monkeypatch.setattr(fastmath, "MIN_NUMEL", 0)
+
+
 def _wide(n: int = 200_000, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     """Values from 1e-30 to 1e3 in magnitude, both signs, plus a dense band around 0."""
     g = torch.Generator().manual_seed(seed)
@@ -112,6 +120,20 @@ def test_bernoulli_log_prob_gradient_and_nan():
         False,
         True,
     ]
+
+
+def test_dispatch(monkeypatch):
+    """ATen's function (bit for bit) wherever the kernels do not pay."""
+    big, small = torch.randn(128, 400) * 3, torch.randn(16, 50) * 3
+    y = (torch.rand(128, 400) < 0.5).float()
+    assert not torch.equal(fastmath.softplus(big), F.softplus(big))  # the kernel runs
+    monkeypatch.setattr(fastmath, "MIN_NUMEL", 8192)
+    assert torch.equal(fastmath.softplus(small), F.softplus(small))
+    assert not torch.equal(fastmath.softplus(big), F.softplus(big))
+    monkeypatch.setattr(fastmath, "SCALAR_LOG1P", False)  # e.g. ATen's AVX2 kernels
+    assert torch.equal(fastmath.softplus(big), F.softplus(big))
+    ref = -F.binary_cross_entropy_with_logits(big, y, reduction="none")
+    assert torch.equal(fastmath.bernoulli_log_prob(big, y), ref)
 
 
 def test_other_dtypes_and_transforms_use_torch():
