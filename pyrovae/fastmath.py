@@ -39,10 +39,12 @@ from torch.nn import functional as F
 #: elsewhere ATen's own functions are faster than the kernels here, which are then not used.
 SCALAR_LOG1P = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: below this many elements the fixed cost of the ≈ 12 small ops here exceeds the saving
-MIN_NUMEL = 8192
+#: (forward + backward, ``benchmarks/fastmath_kernels.py``: softplus breaks even near 8,000
+#: elements, the Bernoulli log-density, whose ATen backward is cheaper, near 25,000)
+MIN_NUMEL = {"softplus": 8192, "bernoulli": 32768}
 
 
-def _fast(x: torch.Tensor) -> bool:
+def _fast(x: torch.Tensor, kernel: str) -> bool:
     """Use the kernels here: a large float32/float64 CPU tensor, where ATen's ``log1p`` is scalar,
     outside ``torch.func`` transforms (which would need a vmap rule: ``torch.func.jacrev`` of a
     network uses ATen's functions)."""
@@ -50,7 +52,7 @@ def _fast(x: torch.Tensor) -> bool:
         SCALAR_LOG1P
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and x.numel() >= MIN_NUMEL
+        and x.numel() >= MIN_NUMEL[kernel]
         and not torch._C._are_functorch_transforms_active()
     )
 
@@ -106,7 +108,7 @@ class _BernoulliLogProb(torch.autograd.Function):
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
     r""":math:`\log(1 + e^{x})` (``torch.nn.functional.softplus`` with ``beta = 1``), faster on CPU."""
-    if not _fast(x):
+    if not _fast(x, "softplus"):
         return F.softplus(x)
     return _Softplus.apply(x) if _needs_grad(x) else _softplus(x)
 
@@ -115,7 +117,9 @@ def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     r""":math:`y\,\ell - \mathrm{softplus}(\ell)` elementwise, i.e.
     ``-binary_cross_entropy_with_logits(logits, value, reduction="none")``, faster on CPU.
     ``logits`` and ``value`` must have the same shape (``broadcast_all`` them first)."""
-    if not (_fast(logits) and value.dtype == logits.dtype and value.device == logits.device):
+    if not (
+        _fast(logits, "bernoulli") and value.dtype == logits.dtype and value.device == logits.device
+    ):
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
     if _needs_grad(logits, value):
         return _BernoulliLogProb.apply(logits, value)

@@ -23,7 +23,7 @@ def kernels_on(monkeypatch):
     """Exercise the kernels on any machine and at any size (in use they run only where they pay:
     AVX512 ATen kernels, at least ``MIN_NUMEL`` elements; see ``test_dispatch``)."""
     monkeypatch.setattr(fastmath, "SCALAR_LOG1P", True)
-    monkeypatch.setattr(fastmath, "MIN_NUMEL", 0)
+    monkeypatch.setattr(fastmath, "MIN_NUMEL", {"softplus": 0, "bernoulli": 0})
 
 
 def _wide(n: int = 200_000, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -127,7 +127,7 @@ def test_dispatch(monkeypatch):
     big, small = torch.randn(128, 400) * 3, torch.randn(16, 50) * 3
     y = (torch.rand(128, 400) < 0.5).float()
     assert not torch.equal(fastmath.softplus(big), F.softplus(big))  # the kernel runs
-    monkeypatch.setattr(fastmath, "MIN_NUMEL", 8192)
+    monkeypatch.setattr(fastmath, "MIN_NUMEL", {"softplus": 8192, "bernoulli": 8192})
     assert torch.equal(fastmath.softplus(small), F.softplus(small))
     assert not torch.equal(fastmath.softplus(big), F.softplus(big))
     monkeypatch.setattr(fastmath, "SCALAR_LOG1P", False)  # e.g. ATen's AVX2 kernels
