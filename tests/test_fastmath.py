@@ -181,3 +181,13 @@ def test_tensors_off_the_cpu_use_torch():
     x = torch.empty(4, 3, device="meta")
     assert fastmath.softplus(x).device.type == "meta"
     assert fastmath.bernoulli_log_prob(x, x).shape == (4, 3)
+
+
+def test_large_tensors_without_autograd_are_sliced_with_the_same_values(monkeypatch):
+    """Evaluation-sized inputs are processed in slices (bounded temporaries), bit for bit."""
+    logits = torch.randn(37, 5, 11) * 4
+    y = (torch.rand(5, 11) < 0.5).float().expand(37, 5, 11)  # broadcast data, as in evaluation
+    whole_sp, whole_lp = fastmath.softplus(logits), fastmath.bernoulli_log_prob(logits, y)
+    monkeypatch.setattr(fastmath, "SLICE_NUMEL", 100)
+    assert torch.equal(fastmath.softplus(logits), whole_sp)
+    assert torch.equal(fastmath.bernoulli_log_prob(logits, y), whole_lp)
