@@ -17,7 +17,7 @@ Reported, per variant:
   disagree, trust a quiet-machine run.
 
 Variants (``--variants``, comma-separated; ``all`` for the main ones; default
-``handwritten,pyrovae,mean_field,lean,lean_plus``):
+``handwritten,pyrovae,mean_field,fast_path,handwritten_fastmath``):
 
 =======================  ==========================================================================
 ``handwritten``          the reference (``handwritten_vae.py``), default ``torch.optim.Adam``
@@ -98,10 +98,11 @@ from pyrovae.objectives import kl_scale  # noqa: E402
 from pyrovae.train import Trainer  # noqa: E402
 
 DEFAULT_ROOT = str((ROOT / ".." / "shared" / "data" / "mnist").resolve())
-DEFAULT_VARIANTS = "handwritten,pyrovae,mean_field,lean,lean_plus"
+DEFAULT_VARIANTS = "handwritten,pyrovae,mean_field,fast_path,handwritten_fastmath"
 ALL_VARIANTS = (
     "handwritten,handwritten_fused,pyrovae,mean_field,jit,jit_mean_field,no_validation,"
-    "pyrovae_fused,lean,lean_fused,lean_plus,lean_compiled,pure_trace,fast_path,fast_path_trace"
+    "pyrovae_fused,lean,lean_fused,lean_plus,lean_compiled,pure_trace,fast_path,fast_path_trace,"
+    "handwritten_fastmath,pyrovae_torch_kernels"
 )
 
 
