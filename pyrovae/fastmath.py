@@ -45,8 +45,12 @@ SCALAR_LOG1P = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 MIN_NUMEL = {"softplus": 8192, "bernoulli": 32768}
 
 
+#: inside ``torch.func`` transforms (a private torch function; if it ever goes, assume not)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _fast(x: torch.Tensor, kernel: str) -> bool:
-    """Use the kernels here: a large float32/float64 CPU tensor, where ATen's ``log1p`` is scalar,
+    """Use the kernels here: a large float32/float64 CPU tensor, where ATen's ``log1p`` is slow,
     outside ``torch.func`` transforms (which would need a vmap rule: ``torch.func.jacrev`` of a
     network uses ATen's functions)."""
     return (
@@ -54,7 +58,7 @@ def _fast(x: torch.Tensor, kernel: str) -> bool:
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and x.numel() >= MIN_NUMEL[kernel]
-        and not torch._C._are_functorch_transforms_active()
+        and not _functorch_active()
     )
 
 
