@@ -9,6 +9,7 @@ with ``ATEN_CPU_CAPABILITY=avx2`` to see which ATen build has the unvectorized `
 
     .venv/bin/python benchmarks/fastmath_kernels.py [--json]
     ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/fastmath_kernels.py
+    .venv/bin/python benchmarks/fastmath_kernels.py --dtype float64 --sizes 51200
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def _max_ulp(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((approx.double() - exact).abs() / spacing).max())
 
 
-def measure_size(n: int, g: torch.Generator, calls: int, repeats: int) -> dict:
+def measure_size(n: int, g: torch.Generator, calls: int, repeats: int, dtype=torch.float32) -> dict:
     """µs per call of each function on ``n`` elements (logits ~ N(0, 3²), labels ~ Bernoulli(0.5))."""
-    x = torch.randn(n, generator=g) * 3
-    y = (torch.rand(n, generator=g) < 0.5).float()
+    x = (torch.randn(n, generator=g) * 3).to(dtype)
+    y = (torch.rand(n, generator=g) < 0.5).to(dtype)
     pos = x.abs()
     xg = x.clone().requires_grad_()
-    ones = torch.ones(n)
+    ones = torch.ones(n, dtype=dtype)
 
     def t(f) -> float:
         return _time(f, calls, repeats)
@@ -83,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="of the timed tensors")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    fastmath.SCALAR_LOG1P, fastmath.MIN_NUMEL = True, {"softplus": 0, "bernoulli": 0}  # time the kernels wherever they would run
+    fastmath.SCALAR_LOG1P, fastmath.MIN_NUMEL = True, {"softplus": 0, "bernoulli": 0}
+    fastmath.DTYPES = (torch.float32, torch.float64)
+    dtype = getattr(torch, a.dtype)  # time the kernels wherever they would run
     g = torch.Generator().manual_seed(0)
     rows = []
     for n in [int(s) for s in a.sizes.split(",")]:
-        rows.append(measure_size(n, g, a.calls, a.repeats))
+        rows.append(measure_size(n, g, a.calls, a.repeats, dtype))
     # accuracy on a wide range (|x| from 1e-30 to 1e3, and a band around 0), float32
     w = torch.cat([10 ** (torch.rand(10**6, generator=g, dtype=torch.float64) * 33 - 30)
                    * torch.where(torch.rand(10**6, generator=g) < 0.5, -1.0, 1.0).double(),
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "softplus_max_ulp_torch": _max_ulp(F.softplus(w32)[normal], exact[normal]),
         "softplus_max_ulp_fast": _max_ulp(fastmath.softplus(w32)[normal], exact[normal]),
     }
-    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": a.threads,
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": a.threads, "dtype": a.dtype,
            "torch": torch.__version__, "rows": rows, "accuracy_float32": acc}
     if a.json:
         print(json.dumps(out))

@@ -2,8 +2,8 @@ r"""Softplus and the Bernoulli log-density for CPU training, without ATen's unve
 
 On the CPU with its AVX512 kernels (the default on AVX512 machines such as this project's), ATen
 evaluates :math:`\log(1 + e^{x})` in ``softplus``, ``log_sigmoid`` and
-``binary_cross_entropy_with_logits`` with a ``log1p`` that is not vectorized, while ``exp`` and
-``log`` are: a 128 × 400 ``softplus`` takes ≈ 0.25 ms and a 128 × 784
+``binary_cross_entropy_with_logits`` with a float32 ``log1p`` that is not vectorized, while ``exp``
+and ``log`` are: a 128 × 400 ``softplus`` takes ≈ 0.25 ms and a 128 × 784
 ``binary_cross_entropy_with_logits`` ≈ 0.5 ms on 2 threads, about 1 ms of the 7 ms step of the
 benchmark VAE (``benchmarks/train_speed.py``; ``docs/benchmarks.md``). Here the same functions
 are computed from vectorized ``exp`` and ``log`` with the classic correction for the rounding of
@@ -22,7 +22,7 @@ float64 value measured (ATen's own softplus: 1.27 ulp; the tests allow 3), ``inf
 ATen's (``tests/test_fastmath.py``). 2.4–2.9× faster forward, 1.5–2.0× forward + backward on
 50,000–100,000 elements (``benchmarks/fastmath_kernels.py``).
 
-They are used only where they pay (:func:`_fast`): float32/float64 CPU tensors of at least
+They are used only where they pay (:func:`_fast`): float32 CPU tensors of at least
 :data:`MIN_NUMEL` elements when ATen runs its AVX512 kernels (:data:`SCALAR_LOG1P`), whose
 ``log1p`` is not vectorized. With AVX2 kernels ATen's ``log1p`` is vectorized and faster than the
 composite here (set ``ATEN_CPU_CAPABILITY=avx2`` before importing torch to get them for the whole
@@ -43,6 +43,10 @@ SCALAR_LOG1P = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 #: (forward + backward, ``benchmarks/fastmath_kernels.py``: softplus breaks even near 8,000
 #: elements, the Bernoulli log-density, whose ATen backward is cheaper, near 25,000)
 MIN_NUMEL = {"softplus": 8192, "bernoulli": 32768}
+#: float32 only: ATen's float64 ``log1p`` is vectorized, and its softplus faster than the composite
+#: (51,200 elements, 2 threads: 107 against 214 µs forward; ``fastmath_kernels.py --dtype float64``);
+#: the kernels themselves are exact in float64 too (tested)
+DTYPES = (torch.float32,)
 
 
 #: inside ``torch.func`` transforms (a private torch function; if it ever goes, assume not)
@@ -50,13 +54,13 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def _fast(x: torch.Tensor, kernel: str) -> bool:
-    """Use the kernels here: a large float32/float64 CPU tensor, where ATen's ``log1p`` is slow,
+    """Use the kernels here: a large float32 CPU tensor, where ATen's ``log1p`` is slow,
     outside ``torch.func`` transforms (which would need a vmap rule: ``torch.func.jacrev`` of a
     network uses ATen's functions)."""
     return (
         SCALAR_LOG1P
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype in DTYPES
         and x.numel() >= MIN_NUMEL[kernel]
         and not _functorch_active()
     )

@@ -24,9 +24,10 @@ from pyrovae.objectives import make_elbo
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
     """Exercise the kernels on any machine and at any size (in use they run only where they pay:
-    AVX512 ATen kernels, at least ``MIN_NUMEL`` elements; see ``test_dispatch``)."""
+    AVX512 ATen kernels, float32, at least ``MIN_NUMEL`` elements; see ``test_dispatch``)."""
     monkeypatch.setattr(fastmath, "SCALAR_LOG1P", True)
     monkeypatch.setattr(fastmath, "MIN_NUMEL", {"softplus": 0, "bernoulli": 0})
+    monkeypatch.setattr(fastmath, "DTYPES", (torch.float32, torch.float64))
 
 
 def _wide(n: int = 200_000, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -133,6 +134,9 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(fastmath, "MIN_NUMEL", {"softplus": 8192, "bernoulli": 8192})
     assert torch.equal(fastmath.softplus(small), F.softplus(small))
     assert not torch.equal(fastmath.softplus(big), F.softplus(big))
+    monkeypatch.setattr(fastmath, "DTYPES", (torch.float32,))  # float64: ATen is faster
+    big64 = big.double()
+    assert torch.equal(fastmath.softplus(big64), F.softplus(big64))
     monkeypatch.setattr(fastmath, "SCALAR_LOG1P", False)  # e.g. ATen's AVX2 kernels
     assert torch.equal(fastmath.softplus(big), F.softplus(big))
     ref = -F.binary_cross_entropy_with_logits(big, y, reduction="none")
