@@ -1,23 +1,27 @@
 """pyrovae: variational autoencoders as real Pyro programs.
 
-* :class:`VAE` — ``model(x)`` = p(z) p(x|z) in ``pyro.plate("data")``, ``guide(x)`` = q(z|x);
-* :class:`AutoEncoder` — the deterministic baseline with the same networks;
-* :func:`load_config`, :func:`fit`, :func:`load_run` — declarative config, training, run folders.
+* `VAE`: `model(x)` = p(z) p(x|z) in `pyro.plate("data")`, `guide(x)` = q(z|x);
+* `AutoEncoder`: the deterministic baseline with the same networks;
+* `load_config`, `fit`, `load_run`: declarative config, training, run folders.
 
-Where things live: priors in :mod:`pyrovae.priors`, likelihoods in :mod:`pyrovae.likelihoods`,
-networks in :mod:`pyrovae.networks`, q(z|x) in :mod:`pyrovae.guides`, the Pyro program in
-:mod:`pyrovae.model`, objectives in :mod:`pyrovae.objectives`, training in :mod:`pyrovae.train`,
-estimators in :mod:`pyrovae.evaluate`, data in :mod:`pyrovae.data`, config in
-:mod:`pyrovae.config`, the CLI in :mod:`pyrovae.cli`, figures in :mod:`pyrovae.plots`, lessons in
-:mod:`pyrovae.teaching`.
+Where things live: p(z) in `pyrovae.priors`, p(x|z) in `pyrovae.likelihoods`, encoder and
+decoder networks in `pyrovae.networks`, q(z|x) in `pyrovae.guides`, the Pyro program in
+`pyrovae.model`, the autoencoder in `pyrovae.autoencoder`, the ELBOs in `pyrovae.objectives`,
+the model built from a config in `pyrovae.build`, the training loop in `pyrovae.train`, run
+folders in `pyrovae.runs`, estimators in `pyrovae.evaluate`, diagnostics in
+`pyrovae.diagnostics`, fit / evaluate / compare in `pyrovae.workflow`, data in `pyrovae.data`,
+config in `pyrovae.config`, the CLI in `pyrovae.cli`, figures in `pyrovae.plots` and
+`pyrovae.report`, lessons in `pyrovae.teaching`.
 """
 
 from pyrovae.autoencoder import AutoEncoder
+from pyrovae.build import build_model
 from pyrovae.config import Config, load_config
 from pyrovae.data import DataConfig, Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from pyrovae.model import VAE
-from pyrovae.train import Run, build_model, fit, load_run
+from pyrovae.runs import Run, load_run
+from pyrovae.workflow import compare, evaluate_run, fit
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,8 @@ __all__ = [
     "Dataset",
     "Run",
     "build_model",
+    "compare",
+    "evaluate_run",
     "fit",
     "load_config",
     "load_data",

@@ -1,13 +1,13 @@
 r"""The deterministic autoencoder baseline: same encoder/decoder builders, no distributions.
 
-:math:`\hat x = g_\theta(f_\phi(x))`, trained with a torch optimizer on the reconstruction loss
-that matches the likelihood (squared error for ``normal``, cross-entropy for ``bernoulli`` and
-``continuous_bernoulli``, :math:`-\log p(x\mid\hat x)` otherwise). Variants:
+$\hat x = g_\theta(f_\phi(x))$, trained with a torch optimizer on the reconstruction loss
+that matches the likelihood (squared error for `normal`, cross-entropy for `bernoulli` and
+`continuous_bernoulli`, $-\log p(x\mid\hat x)$ otherwise). Variants:
 
-* ``deep`` — the configured networks;
-* ``linear`` — no hidden layers; its optimum spans the principal subspace (Baldi & Hornik 1989);
-* ``overcomplete`` — code size larger than the input: it can learn to copy its input;
-* ``denoising`` — Gaussian noise of std ``noise`` is added to the input while training, which
+* `deep` — the configured networks;
+* `linear` — no hidden layers; its optimum spans the principal subspace (Baldi & Hornik 1989);
+* `overcomplete` — code size larger than the input: it can learn to copy its input;
+* `denoising` — Gaussian noise of std `noise` is added to the input while training, which
   removes the copy solution (Vincent et al. 2008).
 
 An autoencoder has no prior, so "decoding a draw from N(0, I)" is not sampling from a model; the
@@ -27,7 +27,7 @@ from pyrovae.networks import Linear, build_network
 
 
 class AutoEncoder(nn.Module):
-    """Deterministic autoencoder with the same builders as :class:`pyrovae.VAE`."""
+    """Deterministic autoencoder with the same builders as `pyrovae.VAE`."""
 
     def __init__(self, model_config, data_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -43,13 +43,15 @@ class AutoEncoder(nn.Module):
         if self.variant == "linear":
             enc_spec = dec_spec = Linear.Spec()
         self.likelihood = build_likelihood(model_config.likelihood, self.data_dim)
-        self.encoder = build_network(enc_spec, self.data_shape, self.latent_dim)
+        k = self.likelihood.params_per_feature  # decoder output: k parameters per feature
+        self.encoder = build_network(
+            enc_spec, self.data_shape, (self.latent_dim,), name="model.encoder"
+        )
         self.decoder = build_network(
             dec_spec,
             (self.latent_dim,),
-            self.likelihood.params_per_feature * self.data_dim,
-            out_shape=self.data_shape if dec_spec.kind == "conv" else None,
-            out_channels_per_pixel=self.likelihood.params_per_feature,
+            (k * self.data_shape[0], *self.data_shape[1:]),
+            name="model.decoder",
         )
 
     def _raw(self, z: torch.Tensor) -> torch.Tensor:

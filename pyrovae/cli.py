@@ -83,7 +83,7 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from pyrovae.train import fit
+    from pyrovae.workflow import fit
 
     config = args.config
     if config is None and not args.resume:
@@ -120,8 +120,8 @@ def _config_with_overrides(config, overrides):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pyrovae.evaluate import evaluate_run
-    from pyrovae.train import load_run
+    from pyrovae.runs import load_run
+    from pyrovae.workflow import evaluate_run
 
     run = load_run(args.run_dir, data=True)
     m = evaluate_run(run, args.iwae_samples)
@@ -138,7 +138,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from pyrovae.model import VAE
     from pyrovae.plots import image_grid
-    from pyrovae.train import load_run
+    from pyrovae.runs import load_run
 
     if args.n < 1:
         raise PyroVAEError(f"-n must be at least 1; got {args.n}")
@@ -169,19 +169,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pyrovae.config import load_config
-    from pyrovae.train import fit
+    from pyrovae.workflow import compare
 
-    cfg = load_config(args.config, args.set)
     out = Path(args.out)
-    vae_cfg = cfg.model_copy(deep=True)
-    vae_cfg.model.kind = "vae"
-    ae_cfg = cfg.model_copy(deep=True)
-    ae_cfg.model.kind = "ae"
-    rows = []
-    for name, c in (("VAE", vae_cfg), ("AE (" + cfg.model.variant + ")", ae_cfg)):
-        print(f"== training {name}", file=sys.stderr)
-        run = fit(c, out / name.split()[0].lower())
-        rows.append((name, run.metrics))
+    rows = compare(load_config(args.config, args.set), out)
     table = comparison_table(rows)
     (out / "comparison.txt").write_text(table + "\n")
     print(table)

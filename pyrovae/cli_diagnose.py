@@ -114,7 +114,7 @@ def _print_text(r: dict) -> None:
 
 def run_diagnose(args: argparse.Namespace) -> int:
     from pyrovae.diagnostics import diagnose_run
-    from pyrovae.train import load_run
+    from pyrovae.runs import load_run
 
     _check(args)
     run = load_run(args.run_dir, data=True)

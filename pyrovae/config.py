@@ -52,7 +52,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """``[train]``: the objective and the optimizer loop."""
 
-    objective: Literal["trace_elbo", "mean_field", "iwae"] = "trace_elbo"
+    objective: Literal["trace_elbo", "mean_field", "trace_enum", "iwae"] = "trace_elbo"
     num_particles: int = Field(1, ge=1)
     beta: float = Field(1.0, ge=0)
     kl_warmup_epochs: int = Field(0, ge=0)
@@ -69,11 +69,6 @@ class TrainConfig(_Section):
     #: default it runs on the first step of each epoch and a bad value later shows up as a
     #: non-finite loss, which the trainer catches and rolls back (docs: benchmarks, validation)
     validate_every_step: bool = False
-    #: on the steps that skip Pyro's validation, compute the trace_elbo / mean_field loss from the
-    #: model's own distributions without Pyro's effect handlers (``objectives.direct_loss``: the
-    #: same loss and gradients bit for bit, 0.2-0.4 ms less per step on CPU); the Pyro program still runs,
-    #: validated, on each epoch's first step. Off by default: every step then runs through Pyro
-    fast_path: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)
@@ -103,11 +98,9 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def save(self, path: str | Path) -> None:
-        """Write the resolved config as TOML (atomically)."""
-        from pyrovae.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), tomli_w.dumps(self.to_dict()).encode())
+    def to_toml(self) -> str:
+        """The resolved config as TOML text (what a run folder's `config.toml` holds)."""
+        return tomli_w.dumps(self.to_dict())
 
 
 _BLOCKS = ("prior", "likelihood", "encoder", "decoder", "guide")
@@ -257,6 +250,7 @@ def load_config(
             f"{name}: a config must be a table of [data], [model], [train]; got {type(raw).__name__}"
         )
     raw = apply_overrides(raw, list(overrides or []))
+    raw = _drop_retired_keys(raw, name)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -268,6 +262,26 @@ def load_config(
         lines = "\n  ".join(f"{k}: expected a finite number; got {v!r}" for k, v in bad)
         raise ConfigError(f"invalid config ({name}):\n  {lines}")
     return cfg
+
+
+#: keys earlier versions wrote into run folders and no longer have a meaning: dropped on load
+#: (with a warning where they asked for something that no longer exists)
+_RETIRED = {("train", "fast_path"): "every training step runs the Pyro program"}
+
+
+def _drop_retired_keys(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    import warnings
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for (section, key), why in _RETIRED.items():
+        table = out.get(section)
+        if isinstance(table, dict) and key in table:
+            if table.pop(key):
+                warnings.warn(
+                    f"{name}: {section}.{key} is no longer an option ({why}); ignored",
+                    stacklevel=3,
+                )
+    return out
 
 
 def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -1,15 +1,15 @@
 """Datasets as in-memory tensors: built-in image sets, IDX files, arrays and image folders.
 
-:func:`load_data` turns a :class:`DataConfig` into a :class:`Dataset` holding flattened float32
+`load_data` turns a `DataConfig` into a `Dataset` holding flattened float32
 train / validation / test tensors (and labels where the source has them). Sources:
 
-* ``digits``: scikit-learn's 1,797 real 8x8 digits (shipped with scikit-learn, no download);
-* ``mnist`` / ``fashion-mnist`` / ``kmnist``: the four standard IDX files, read from
-  ``data.root`` (gzipped or not, directly there or in a ``raw/`` subfolder), or downloaded by
-  torchvision into ``~/.cache/pyrovae/<name>`` when ``data.root`` is empty;
-* a ``.npy`` file, a ``.npz`` file (key ``x``, optional ``y``) or a folder of images.
+* `digits`: scikit-learn's 1,797 real 8x8 digits (shipped with scikit-learn, no download);
+* `mnist` / `fashion-mnist` / `kmnist`: the four standard IDX files, read from
+  `data.root` (gzipped or not, directly there or in a `raw/` subfolder), or downloaded by
+  torchvision into `~/.cache/pyrovae/<name>` when `data.root` is empty;
+* a `.npy` file, a `.npz` file (key `x`, optional `y`) or a folder of images.
 
-Every problem caused by the user's data or configuration raises :class:`~pyrovae.errors.DataError`
+Every problem caused by the user's data or configuration raises `DataError`
 naming the file or config field, the expected and the actual value.
 """
 
@@ -31,27 +31,26 @@ from pyrovae.errors import DataError
 
 __all__ = ["DataConfig", "Dataset", "load_data", "read_idx"]
 
-#: Built-in dataset names accepted by ``data.dataset``.
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist")
+"""Built-in dataset names accepted by `data.dataset`."""
 
-#: torchvision class for each IDX dataset.
 _TORCHVISION_CLASSES: dict[str, str] = {
     "mnist": "MNIST",
     "fashion-mnist": "FashionMNIST",
     "kmnist": "KMNIST",
 }
+"""torchvision class for each IDX dataset."""
 
-#: The four standard IDX files (without the optional ``.gz``).
 IDX_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+"""The four standard IDX files (without the optional `.gz`)."""
 _IDX_IMAGES_MAGIC = 0x00000803  # 2051: unsigned bytes, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # 2049: unsigned bytes, 1 dimension
 
-#: IDX type code -> big-endian numpy dtype.
 _IDX_DTYPES: dict[int, str] = {
     0x08: ">u1",
     0x09: ">i1",
@@ -60,18 +59,19 @@ _IDX_DTYPES: dict[int, str] = {
     0x0D: ">f4",
     0x0E: ">f8",
 }
+"""IDX type code -> big-endian numpy dtype."""
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 ARRAY_EXTENSIONS: tuple[str, ...] = (".npy", ".npz")
 
-# Offsets mixed into ``seed`` so that splitting and each split's binarization use independent,
-# reproducible random streams (changing ``limit`` does not change how the test set is binarized).
+# Offsets mixed into `seed` so that splitting and each split's binarization use independent,
+# reproducible random streams (changing `limit` does not change how the test set is binarized).
 _SPLIT_STREAM = 0
 _BINARIZE_STREAMS = {"train": 1, "val": 2, "test": 3}
 
 
 class DataConfig(BaseModel):
-    """The ``[data]`` section of a run configuration."""
+    """The `[data]` section of a run configuration."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -107,8 +107,8 @@ class DataConfig(BaseModel):
 class Dataset:
     """Train / validation / test tensors of one dataset, all in memory.
 
-    ``x_*`` are float32, flattened to ``(N, D)`` with ``D = prod(shape)``, and contiguous;
-    ``y_*`` are int64 labels of length ``N`` or ``None``.
+    `x_*` are float32, flattened to `(N, D)` with `D = prod(shape)`, and contiguous;
+    `y_*` are int64 labels of length `N` or `None`.
     """
 
     name: str
@@ -123,11 +123,11 @@ class Dataset:
 
     @property
     def dim(self) -> int:
-        """Number of values in one datapoint, ``prod(shape)``."""
+        """Number of values in one datapoint, `prod(shape)`."""
         return math.prod(self.shape)
 
     def to(self, device: torch.device | str) -> Dataset:
-        """Return a copy with every tensor moved to ``device``."""
+        """Return a copy with every tensor moved to `device`."""
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
@@ -143,12 +143,12 @@ class Dataset:
         )
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled minibatches of ``x_train``.
+        """One epoch of shuffled minibatches of `x_train`.
 
-        A single ``torch.randperm`` drawn with ``generator`` orders the epoch; batches are index
+        A single `torch.randperm` drawn with `generator` orders the epoch; batches are index
         slices of it (the last, smaller batch is kept), so every training point appears exactly
-        once. With ``binarize == "dynamic"`` each batch is resampled as
-        ``torch.bernoulli(batch, generator=generator)``: a fresh binarization every time a batch
+        once. With `binarize == "dynamic"` each batch is resampled as
+        `torch.bernoulli(batch, generator=generator)`: a fresh binarization every time a batch
         is drawn. For speed, pass a generator on the same device as the data.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -164,14 +164,14 @@ class Dataset:
 
 
 def bernoulli(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``torch.bernoulli(probs, generator=generator)``: the same draws, faster on CPU, and with a
+    """`torch.bernoulli(probs, generator=generator)`: the same draws, faster on CPU, and with a
     generator on another device too.
 
-    On CPU, :math:`u < p` with ``u = torch.rand(...)`` consumes the same uniforms in the same
-    order as ``torch.bernoulli``, so it gives the same values **bit for bit** and leaves the
-    generator in the same state (``tests/test_data.py`` checks both), and is faster: 0.40 against
+    On CPU, $u < p$ with `u = torch.rand(...)` consumes the same uniforms in the same
+    order as `torch.bernoulli`, so it gives the same values **bit for bit** and leaves the
+    generator in the same state (`tests/test_data.py` checks both), and is faster: 0.40 against
     0.47 ms for a 128×784 MNIST batch, 0.54 against 1.28 ms when the probabilities are spread over
-    (0, 1). On CUDA, ``torch.bernoulli`` itself.
+    (0, 1). On CUDA, `torch.bernoulli` itself.
     """
     if generator.device == probs.device and probs.device.type != "cpu":
         return torch.bernoulli(probs, generator=generator)
@@ -246,14 +246,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzipped or plain) into a numpy array of its dimensions.
 
     Validates the magic number (two zero bytes, a known type code, at least one dimension) and
-    that the byte length matches the header exactly. Raises :class:`DataError` naming the file.
+    that the byte length matches the header exactly. Raises `DataError` naming the file.
     """
     p = Path(path)
     return _parse_idx(_read_bytes(p), p)
 
 
 def _find_idx_folder(root: Path, tv_class: str) -> Path | None:
-    """Return the first of ``root``, ``root/raw``, ``root/<tv_class>/raw`` holding IDX files."""
+    """Return the first of `root`, `root/raw`, `root/<tv_class>/raw` holding IDX files."""
     for folder in (root, root / "raw", root / tv_class / "raw"):
         if folder.is_dir() and any(
             (folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in IDX_FILES
@@ -263,7 +263,7 @@ def _find_idx_folder(root: Path, tv_class: str) -> Path | None:
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
-    """Path of ``stem`` or ``stem.gz`` in ``folder`` (the plain file preferred)."""
+    """Path of `stem` or `stem.gz` in `folder` (the plain file preferred)."""
     for candidate in (folder / stem, folder / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
@@ -277,7 +277,7 @@ def _idx_file(folder: Path, stem: str) -> Path:
 def _load_idx_folder(
     root: Path, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Read and cross-check the four standard IDX files under ``root``."""
+    """Read and cross-check the four standard IDX files under `root`."""
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DataError(
@@ -316,12 +316,12 @@ def _load_idx_folder(
 
 
 def _cache_dir() -> Path:
-    """Where torchvision downloads go: ``~/.cache/pyrovae``."""
+    """Where torchvision downloads go: `~/.cache/pyrovae`."""
     return Path.home() / ".cache" / "pyrovae"
 
 
 def _download_idx(name: str) -> Path:
-    """Download ``name`` with torchvision (unless cached) and return its root folder."""
+    """Download `name` with torchvision (unless cached) and return its root folder."""
     root = _cache_dir() / name
     tv_class = _TORCHVISION_CLASSES[name]
     folder = _find_idx_folder(root, tv_class)
@@ -415,7 +415,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _load_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a folder of images (flat, or one subfolder per class) into ``(N, C, H, W)`` uint8."""
+    """Read a folder of images (flat, or one subfolder per class) into `(N, C, H, W)` uint8."""
     from PIL import Image, UnidentifiedImageError
 
     files = _image_files(folder)
@@ -492,7 +492,7 @@ def _load_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _point_shape(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one datapoint of an ``(N, ...)`` array: 3-D ``(N, H, W)`` gets a channel axis."""
+    """Shape of one datapoint of an `(N, ...)` array: 3-D `(N, H, W)` gets a channel axis."""
     rest = tuple(int(s) for s in arr_shape[1:])
     if len(rest) == 0:
         return (1,)
@@ -532,7 +532,7 @@ def _check_unit_range(x: np.ndarray, what: str, binarize: str) -> None:
 
 
 def _n_holdout(n: int, fraction: float) -> int:
-    """Size of a held-out split: ``round(n * fraction)``, at least 1 when ``fraction > 0``."""
+    """Size of a held-out split: `round(n * fraction)`, at least 1 when `fraction > 0`."""
     return 0 if fraction <= 0 else max(1, int(round(n * fraction)))
 
 
@@ -545,7 +545,7 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def _to_float(x: np.ndarray, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Rows ``idx`` of ``x`` as a contiguous float32 ``(len(idx), D)`` tensor."""
+    """Rows `idx` of `x` as a contiguous float32 `(len(idx), D)` tensor."""
     # numpy converts any numeric dtype (big-endian, float128, uint64, bool) to float32 first
     rows = np.ascontiguousarray(x[idx.numpy()], dtype=np.float32)
     t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:]))
@@ -563,7 +563,7 @@ def _labels(y: np.ndarray | None, idx: torch.Tensor) -> torch.Tensor | None:
 def _split(
     n: int, cfg: DataConfig, seed: int, official_test: bool, name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded train / val / test index tensors for ``n`` points (test empty if official)."""
+    """Seeded train / val / test index tensors for `n` points (test empty if official)."""
     perm = torch.randperm(n, generator=_generator(seed, _SPLIT_STREAM))
     n_test = 0 if official_test else _n_holdout(n, cfg.test_fraction)
     n_val = _n_holdout(n - n_test, cfg.val_fraction)
@@ -581,7 +581,7 @@ def _split(
 
 
 def _binarize(ds: Dataset, seed: int) -> Dataset:
-    """Apply the binarization protocol (see :func:`load_data`)."""
+    """Apply the binarization protocol (see `load_data`)."""
     if ds.binarize == "none":
         return ds
     g = {k: _generator(seed, s) for k, s in _BINARIZE_STREAMS.items()}
@@ -594,7 +594,7 @@ def _binarize(ds: Dataset, seed: int) -> Dataset:
 
 
 def _resolve(dataset: str) -> tuple[str, Path | None]:
-    """Map ``data.dataset`` to ``(builtin name, None)`` or ``(kind, path)``."""
+    """Map `data.dataset` to `(builtin name, None)` or `(kind, path)`."""
     key = dataset.strip().lower()
     if key in BUILTIN_DATASETS:
         return key, None
@@ -617,7 +617,7 @@ def _resolve(dataset: str) -> tuple[str, Path | None]:
 
 @dataclass
 class _Source:
-    """Raw arrays of one dataset before splitting (``x_test`` only for official test sets)."""
+    """Raw arrays of one dataset before splitting (`x_test` only for official test sets)."""
 
     name: str
     where: str  # how error messages refer to it: the dataset name or the file / folder path
@@ -655,17 +655,17 @@ def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Load the dataset described by ``cfg`` and split it reproducibly.
+    """Load the dataset described by `cfg` and split it reproducibly.
 
-    * Splits: ``digits``, arrays and image folders hold out a seeded ``test_fraction`` for test,
-      then ``val_fraction`` of the rest for validation; MNIST-like sets keep their official test
-      set and hold out ``val_fraction`` of the 60,000 training images. Same ``cfg`` and ``seed``
+    * Splits: `digits`, arrays and image folders hold out a seeded `test_fraction` for test,
+      then `val_fraction` of the rest for validation; MNIST-like sets keep their official test
+      set and hold out `val_fraction` of the 60,000 training images. Same `cfg` and `seed`
       give identical tensors.
-    * ``limit > 0`` keeps the first ``limit`` shuffled training points and
-      ``max(limit // 4, 1)`` validation / test points.
-    * Binarization: ``static`` binarizes train, val and test once; ``dynamic`` keeps ``x_train``
-      grey-level (resampled per batch by :meth:`Dataset.train_batches`) and binarizes val and
-      test once. Both use generators seeded from ``seed`` (one independent stream per split).
+    * `limit > 0` keeps the first `limit` shuffled training points and
+      `max(limit // 4, 1)` validation / test points.
+    * Binarization: `static` binarizes train, val and test once; `dynamic` keeps `x_train`
+      grey-level (resampled per batch by `Dataset.train_batches`) and binarizes val and
+      test once. Both use generators seeded from `seed` (one independent stream per split).
     """
     name, path = _resolve(cfg.dataset)
     if cfg.root and name not in _TORCHVISION_CLASSES:

@@ -1,25 +1,25 @@
 r"""Posterior diagnostics: how good is $q(z \mid x)$, did the posterior collapse, how tight is the bound.
 
-Generic estimators take any Pyro ``(model, guide)`` pair whose per-datapoint sites sit inside
-``pyro.plate("data", N)`` with **one** latent sample site (``"z"`` in a pyrovae VAE) and return
+Generic estimators take any Pyro `(model, guide)` pair whose per-datapoint sites sit inside
+`pyro.plate("data", N)` with **one** latent sample site (`"z"` in a pyrovae VAE) and return
 per-datapoint values in nats:
 
-* :func:`psis_khat` — Pareto $\hat k$ of the importance weights $p(x, z)/q(z \mid x)$ per datapoint
-  (Vehtari et al. 2024, via ``arviz.psislw``); :func:`khat_summary` gives the shares
+* `psis_khat` — Pareto $\hat k$ of the importance weights $p(x, z)/q(z \mid x)$ per datapoint
+  (Vehtari et al. 2024, via `arviz.psislw`); `khat_summary` gives the shares
   $\hat k < 0.5$ (good), $0.5 \le \hat k \le 0.7$ (usable), $\hat k > 0.7$ (q is a poor proposal).
-* :func:`elbo_decomposition` — $\mathrm{ELBO} = E_q[\log p(x\mid z)] - \mathrm{KL}(q(z\mid x)\|p(z))$,
+* `elbo_decomposition` — $\mathrm{ELBO} = E_q[\log p(x\mid z)] - \mathrm{KL}(q(z\mid x)\|p(z))$,
   KL per latent dimension, active units (Burda et al. 2016), mutual information $I(x;z)$ and
   the aggregate-posterior KL from ELBO surgery (Hoffman & Johnson 2016):
   $\frac1N\sum_n \mathrm{KL}(q(z\mid x_n)\|p(z)) = I(x;z) + \mathrm{KL}(q(z)\|p(z))$,
-  and :func:`collapse_verdict` in plain words.
-* :func:`nuts_posterior` / :func:`to_inference_data` / :func:`compare_posteriors` — a gold-standard
+  and `collapse_verdict` in plain words.
+* `nuts_posterior` / `to_inference_data` / `compare_posteriors` — a gold-standard
   posterior $p(z\mid x)$ by NUTS for a few datapoints next to draws of $q(z\mid x)$, in one
-  ArviZ ``InferenceData`` (groups ``posterior`` = NUTS, ``variational`` = q).
-* :func:`amortization_gap` — Cremer et al. (2018): $\log p(x) - \mathrm{ELBO}(q)$ splits into the
+  ArviZ `InferenceData` (groups `posterior` = NUTS, `variational` = q).
+* `amortization_gap` — Cremer et al. (2018): $\log p(x) - \mathrm{ELBO}(q)$ splits into the
   approximation gap $\log p(x) - \mathrm{ELBO}(q^*)$ and the amortization gap
   $\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q)$, $q^*$ the best per-datapoint member of q's family.
 
-:func:`diagnose_run` runs all of them on a trained run (what ``pyrovae diagnose`` prints).
+`diagnose_run` runs all of them on a trained run (what `pyrovae diagnose` prints).
 
 References:
     Y. Burda, R. Grosse, R. Salakhutdinov (2016), *Importance weighted autoencoders*, ICLR.
@@ -75,13 +75,14 @@ from pyrovae.evaluate import (
 if TYPE_CHECKING:
     import arviz as az
 
-    from pyrovae.train import Run
+    from pyrovae.runs import Run
 
-#: Cov_x E_q[z_u | x] above this marks latent dimension u as active (Burda et al. 2016).
 ACTIVE_THRESHOLD = 0.01
-#: I(x;z) below this many nats counts as collapsed whatever the active-unit count.
+r"""$\mathrm{Cov}_x E_q[z_u \mid x]$ above this marks latent dimension $u$ as active
+(Burda et al. 2016)."""
 MI_COLLAPSE = 0.05
-#: PSIS k-hat thresholds (Vehtari et al. 2024).
+"""$I(x;z)$ below this many nats counts as collapsed whatever the active-unit count."""
+# PSIS k-hat thresholds (Vehtari et al. 2024).
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7
 
 
@@ -100,7 +101,7 @@ def _latent_site(trace) -> str:
 
 
 def _plain_guide_site(guide, x: torch.Tensor) -> tuple[str, dist.Distribution]:
-    """The latent site's name and q(z|x) with batch shape ``(N,)`` from one guide call."""
+    """The latent site's name and q(z|x) with batch shape `(N,)` from one guide call."""
     with poutine.block(), torch.no_grad():
         g = poutine.trace(guide).get_trace(x)
     name = _latent_site(g)
@@ -117,7 +118,7 @@ def _subset(x: torch.Tensor, max_points: int | None, seed: int) -> torch.Tensor:
 def log_weights_chunked(
     model, guide, x: torch.Tensor, num_samples: int, max_rows: int = MAX_ROWS
 ) -> torch.Tensor:
-    """All log weights ``(num_samples, N)``, computed in chunks of about ``max_rows`` rows."""
+    """All log weights `(num_samples, N)`, computed in chunks of about `max_rows` rows."""
     b = max(1, min(x.shape[0], max_rows // num_samples))
     out = []
     for xb in x.split(b):
@@ -132,10 +133,10 @@ def log_weights_chunked(
 
 # ---------------------------------------------------------------------------------------- PSIS
 def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
-    r"""Pareto $\hat k$ per datapoint from log weights ``(K, N)`` via ``arviz.psislw``.
+    r"""Pareto $\hat k$ per datapoint from log weights `(K, N)` via `arviz.psislw`.
 
     ArviZ < 1.0 takes *log importance ratios* (no sign flip; PSIS-LOO passes $-\log p$),
-    with the draws on the **last** axis, hence the transpose to ``(N, K)``.
+    with the draws on the **last** axis, hence the transpose to `(N, K)`.
     """
     import arviz as az
 
@@ -147,12 +148,12 @@ def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
 
 
 def psis_khat(model, guide, x: torch.Tensor, num_samples: int = 1000) -> torch.Tensor:
-    r"""Pareto-smoothed importance sampling $\hat k$ of $w = p(x,z)/q(z\mid x)$, ``(N,)``.
+    r"""Pareto-smoothed importance sampling $\hat k$ of $w = p(x,z)/q(z\mid x)$, `(N,)`.
 
     $\hat k$ is the fitted shape of a generalized Pareto distribution to the largest
     weights. $\hat k < 0.5$: the weights have finite variance, q is a good proposal;
     $0.5 \le \hat k \le 0.7$: usable, slower convergence; $\hat k > 0.7$: the
-    importance sampling estimate of $\log p(x)$ (and so :func:`~pyrovae.evaluate.log_likelihood`)
+    importance sampling estimate of $\log p(x)$ (and so `log_likelihood`)
     is unreliable — q(z|x) misses mass of p(z|x), typically because it is too narrow
     (Vehtari et al. 2024; Yao et al. 2018 for variational inference).
     """
@@ -176,9 +177,9 @@ def khat_summary(khat: torch.Tensor) -> dict[str, float | int]:
 
 # ------------------------------------------------------------------------- ELBO decomposition
 def marginals(d: dist.Distribution) -> dist.Distribution | None:
-    r"""Univariate marginals of a distribution over $z \in \mathbb R^d$ as a batch ``(..., d)``.
+    r"""Univariate marginals of a distribution over $z \in \mathbb R^d$ as a batch `(..., d)`.
 
-    Closed forms for a diagonal Normal, a MultivariateNormal and a mixture of those; ``None``
+    Closed forms for a diagonal Normal, a MultivariateNormal and a mixture of those; `None`
     otherwise (e.g. a flow).
     """
     if (
@@ -209,9 +210,9 @@ def _is_diagonal(d: dist.Distribution) -> bool:
 
 @dataclass
 class ELBODecomposition:
-    r"""The pieces of the ELBO of a (model, guide) pair on a batch; per-datapoint tensors are ``(N,)``.
+    r"""The pieces of the ELBO of a (model, guide) pair on a batch; per-datapoint tensors are `(N,)`.
 
-    ``elbo = reconstruction - kl`` per datapoint; ``kl_per_dim`` is ``(N, d)`` or ``None``.
+    `elbo = reconstruction - kl` per datapoint; `kl_per_dim` is `(N, d)` or `None`.
     """
 
     reconstruction: torch.Tensor
@@ -233,7 +234,7 @@ class ELBODecomposition:
 
     @property
     def active(self) -> torch.Tensor:
-        """Boolean ``(d,)``: $\\mathrm{Cov}_x E_q[z_u|x] > 0.01$."""
+        """Boolean `(d,)`: $\\mathrm{Cov}_x E_q[z_u|x] > 0.01$."""
         return self.posterior_mean_variance > ACTIVE_THRESHOLD
 
     @property
@@ -319,7 +320,7 @@ def mutual_information(
     $$
 
     Since the mixture contains $q(z\mid x_n)/N$, $\hat I \le \log N$ always.
-    ``q_plain`` has batch shape ``(N,)``; ``z`` is ``(K, N, d)``; ``log_q``, ``log_p`` ``(K, N)``.
+    `q_plain` has batch shape `(N,)`; `z` is `(K, N, d)`; `log_q`, `log_p` `(K, N)`.
     """
     n = z.shape[1]
     flat = z.reshape(-1, 1, z.shape[-1])
@@ -340,12 +341,12 @@ def elbo_decomposition(
 ) -> ELBODecomposition:
     r"""Reconstruction, KL, KL per dimension, active units, $I(x;z)$, $\mathrm{KL}(q(z)\|p(z))$.
 
-    * reconstruction $E_q[\log p(x\mid z)]$ and KL by Monte Carlo with ``num_particles``
-      draws (KL analytic where ``torch.distributions.kl_divergence`` is registered);
+    * reconstruction $E_q[\log p(x\mid z)]$ and KL by Monte Carlo with `num_particles`
+      draws (KL analytic where `torch.distributions.kl_divergence` is registered);
     * KL per dimension $\mathrm{KL}(q(z_u\mid x)\|p(z_u))$ from the marginals;
     * active units $A_u = \mathrm{Cov}_x(E_{q(z|x)}[z_u]) > 0.01$ (Burda et al. 2016);
-    * $I(x;z)$ and the aggregate KL on at most ``max_mi_points`` datapoints (cost
-      $O(K N^2)$), see :func:`mutual_information`.
+    * $I(x;z)$ and the aggregate KL on at most `max_mi_points` datapoints (cost
+      $O(K N^2)$), see `mutual_information`.
     """
     g, m, pdim = vectorized_traces(model, guide, x, num_particles)
     site = _latent_site(g)
@@ -414,7 +415,7 @@ def collapse_verdict(d: ELBODecomposition) -> str:
 # --------------------------------------------------------------------------------------- NUTS
 @dataclass
 class NUTSResult:
-    """NUTS draws of the latent site for a few datapoints: ``z`` is ``(chains, draws, points, d)``."""
+    """NUTS draws of the latent site for a few datapoints: `z` is `(chains, draws, points, d)`."""
 
     z: torch.Tensor
     divergences: int
@@ -425,7 +426,7 @@ class NUTSResult:
 
 def _latent_transforms(model, x: torch.Tensor) -> dict[str, Any] | None:
     """Unconstraining transforms Pyro cannot find itself: a mixture prior's support is a
-    ``MixtureSameFamilyConstraint`` (no ``biject_to``); use its components' support instead."""
+    `MixtureSameFamilyConstraint` (no `biject_to`); use its components' support instead."""
     from torch.distributions import biject_to
 
     with poutine.block(), torch.no_grad():
@@ -484,14 +485,14 @@ def nuts_posterior(
     seed: int = 0,
     jit: bool = False,
 ) -> NUTSResult:
-    r"""Draws of $p(z\mid x_n)$ by NUTS (``pyro.infer.MCMC``) for the datapoints ``x``.
+    r"""Draws of $p(z\mid x_n)$ by NUTS (`pyro.infer.MCMC`) for the datapoints `x`.
 
-    The model is run with ``x`` observed, so NUTS targets $p(z\mid x)\propto p(x\mid z)p(z)$
+    The model is run with `x` observed, so NUTS targets $p(z\mid x)\propto p(x\mid z)p(z)$
     (Hoffman & Gelman 2014), the datapoints jointly (their posteriors are independent).
-    ``chain_method="vectorized"`` stacks ``num_chains`` copies of ``x`` into one run: each copy
+    `chain_method="vectorized"` stacks `num_chains` copies of `x` into one run: each copy
     is an independent target started at its own random point, so the copies are independent
     chains that share step size and mass-matrix adaptation (one process; fast on few cores).
-    ``"sequential"`` runs one MCMC per chain.
+    `"sequential"` runs one MCMC per chain.
     """
     if num_chains < 1 or num_samples < 1:
         raise DiagnosticsError(
@@ -523,7 +524,7 @@ def nuts_posterior(
 
 @torch.no_grad()
 def guide_draws(guide, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """``num_samples`` draws of the guide's latent site per datapoint, ``(num_samples, N, d)``."""
+    """`num_samples` draws of the guide's latent site per datapoint, `(num_samples, N, d)`."""
     nesting = max((-f.dim for f in _guide_frames(guide, x)), default=0)
     with poutine.block(), pyro.plate("_draws", num_samples, dim=-(nesting + 1)):
         g = poutine.trace(guide).get_trace(x)
@@ -560,12 +561,12 @@ def to_inference_data(
     mcmc_draws: torch.Tensor | None = None,
     point_ids: list[int] | None = None,
 ) -> az.InferenceData:
-    r"""Posterior draws of z for the batch ``x`` as ArviZ ``InferenceData``.
+    r"""Posterior draws of z for the batch `x` as ArviZ `InferenceData`.
 
-    Without ``mcmc_draws``: group ``posterior`` holds ``num_samples`` draws of $q(z\mid x)$
-    (one chain), variable ``z`` with dims ``(chain, draw, point, latent)``. With ``mcmc_draws``
-    (``(chains, draws, N, d)``, e.g. :attr:`NUTSResult.z`): ``posterior`` holds the MCMC draws and
-    the extra group ``variational`` the q draws. ``observed_data`` holds ``x``.
+    Without `mcmc_draws`: group `posterior` holds `num_samples` draws of $q(z\mid x)$
+    (one chain), variable `z` with dims `(chain, draw, point, latent)`. With `mcmc_draws`
+    (`(chains, draws, N, d)`, e.g. `NUTSResult.z`): `posterior` holds the MCMC draws and
+    the extra group `variational` the q draws. `observed_data` holds `x`.
     """
     import arviz as az
 
@@ -585,7 +586,7 @@ def to_inference_data(
 def compare_posteriors(idata: az.InferenceData) -> dict[str, Any]:
     """R-hat and ESS of the MCMC chains, and NUTS vs q means and sds per point and dimension.
 
-    ``std_mean_diff`` is (mean_q - mean_NUTS) / sd_NUTS; ``sd_ratio`` is sd_q / sd_NUTS (< 1:
+    `std_mean_diff` is (mean_q - mean_NUTS) / sd_NUTS; `sd_ratio` is sd_q / sd_NUTS (< 1:
     q is too narrow, the usual failure of KL(q||p)-fitted posteriors).
     """
     import arviz as az
@@ -664,8 +665,8 @@ def mixture_log_likelihood(
 ) -> torch.Tensor:
     r"""Importance-sampled $\log p(x)$ with the mixture proposal $\bar q = \frac1J\sum_j q_j$.
 
-    ``proposals`` are ``(guide, q_j)`` pairs, ``q_j`` the guide's distribution with batch shape
-    ``(N,)``; ``num_samples / J`` draws come from each (deterministic mixture, balance
+    `proposals` are `(guide, q_j)` pairs, `q_j` the guide's distribution with batch shape
+    `(N,)`; `num_samples / J` draws come from each (deterministic mixture, balance
     heuristic; Veach & Guibas 1995, Owen & Zhou 2000):
 
     $$
@@ -674,7 +675,7 @@ def mixture_log_likelihood(
     $$
 
     unbiased for $p(x)$, with weights bounded by $J\,p(x,z)/q_j(z)$ for every j —
-    as good as the best-covering proposal. Particles are chunked; ``x`` is not (local guides).
+    as good as the best-covering proposal. Particles are chunked; `x` is not (local guides).
     """
     n, j = x.shape[0], len(proposals)
     per = max(1, num_samples // j)
@@ -693,7 +694,7 @@ def mixture_log_likelihood(
 
 @dataclass
 class AmortizationGap:
-    """Per-datapoint (``(N,)``) log p̂(x), ELBO(q), ELBO(q*) and the two gaps, nats."""
+    """Per-datapoint (`(N,)`) log p̂(x), ELBO(q), ELBO(q*) and the two gaps, nats."""
 
     log_px: torch.Tensor
     elbo_q: torch.Tensor
@@ -756,16 +757,16 @@ def amortization_gap(
 
     $q^*(z\mid x_n)$ is the member of q's family (Gaussian parameters freed per datapoint,
     any flow transforms kept) that maximizes the ELBO, found by Adam on the Monte Carlo ELBO
-    (``num_particles`` draws) for ``steps`` steps, starting from the encoder's output. Then
+    (`num_particles` draws) for `steps` steps, starting from the encoder's output. Then
 
     $$
     \underbrace{\log p(x) - \mathrm{ELBO}(q)}_{\text{inference gap}} = \underbrace{\log p(x) - \mathrm{ELBO}(q^*)}_{\text{approximation gap}}
     + \underbrace{\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q)}_{\text{amortization gap}} .
     $$
 
-    ELBOs use ``eval_particles`` draws; $\log \hat p(x)$ is
-    :func:`mixture_log_likelihood` with the defensive proposal $\frac12 q + \frac12 q^*$
-    (``iwae_samples`` draws in all): q* alone is often too narrow a proposal (k-hat > 0.7) and
+    ELBOs use `eval_particles` draws; $\log \hat p(x)$ is
+    `mixture_log_likelihood` with the defensive proposal $\frac12 q + \frac12 q^*$
+    (`iwae_samples` draws in all): q* alone is often too narrow a proposal (k-hat > 0.7) and
     would overestimate $\log p(x)$ by chance.
     """
     site, q0 = _plain_guide_site(guide, x)
@@ -798,7 +799,7 @@ def amortization_gap(
 # ----------------------------------------------------------------------------------- a run
 @dataclass
 class Diagnosis:
-    """What :func:`diagnose_run` found: ``results`` is JSON-ready; the rest feeds the figures."""
+    """What `diagnose_run` found: `results` is JSON-ready; the rest feeds the figures."""
 
     results: dict[str, Any]
     decomposition: ELBODecomposition | None = None
@@ -810,7 +811,7 @@ class Diagnosis:
 
 @torch.no_grad()
 def code_usage(ae, x: torch.Tensor) -> torch.Tensor:
-    """Variance over datapoints of each code dimension of a deterministic encoder, ``(d,)``."""
+    """Variance over datapoints of each code dimension of a deterministic encoder, `(d,)`."""
     return torch.cat([ae.encode(xb) for xb in x.split(1024)]).var(0)
 
 
@@ -847,21 +848,28 @@ def _pick_points(n: int, k: int, seed: int) -> list[int]:
 
 @dataclass
 class DiagnoseOptions:
-    """Settings of :func:`diagnose_run` (defaults: about 30 s for a digits run on 2 CPU cores)."""
+    """Settings of `diagnose_run` (defaults: about 30 s for a digits run on 2 CPU cores).
 
-    #: datapoints for NUTS (0 skips NUTS)
+    Attributes:
+        points: datapoints for NUTS (0 skips NUTS).
+        iwae_samples: K of the IWAE log-likelihood on the whole test split.
+        khat_samples: importance samples per datapoint for PSIS k-hat.
+        max_points: cap on datapoints for the decomposition, k-hat and I(x;z) (a seeded subset).
+        gap_points: datapoints for the amortization gap (0 skips it).
+        gap_steps: Adam steps for q*.
+        gap_particles: particles for q*.
+        nuts_samples: NUTS draws per chain.
+        nuts_warmup: NUTS warm-up steps per chain.
+        chains: NUTS chains.
+    """
+
     points: int = 4
-    #: K of the IWAE log-likelihood on the whole test split
     iwae_samples: int = 1000
-    #: importance samples per datapoint for PSIS k-hat
     khat_samples: int = 1000
-    #: cap on datapoints for the decomposition, k-hat and I(x;z) (a seeded subset)
     max_points: int = 1000
-    #: datapoints for the amortization gap (0 skips it), Adam steps and particles for q*
     gap_points: int = 50
     gap_steps: int = 200
     gap_particles: int = 16
-    #: NUTS draws and warm-up steps per chain, and chains
     nuts_samples: int = 200
     nuts_warmup: int = 200
     chains: int = 4
@@ -871,9 +879,9 @@ class DiagnoseOptions:
 def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: Any) -> Diagnosis:
     """All diagnostics of a trained run on its test split (nats per datapoint throughout).
 
-    ``options`` (or keyword overrides of :class:`DiagnoseOptions`) set the sizes. The IWAE
+    `options` (or keyword overrides of `DiagnoseOptions`) set the sizes. The IWAE
     log-likelihood and the ELBO use the whole test split; decomposition, k-hat and I(x;z) at
-    most ``max_points`` datapoints; NUTS ``points``; the amortization gap ``gap_points``.
+    most `max_points` datapoints; NUTS `points`; the amortization gap `gap_points`.
     """
     from dataclasses import replace
 
@@ -893,7 +901,7 @@ def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: 
 
 @contextmanager
 def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` of a module's parameters (for NUTS with ``jit_compile`` and
+    """Turn off `requires_grad` of a module's parameters (for NUTS with `jit_compile` and
     to skip parameter gradients); restores the flags on exit."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
@@ -1000,7 +1008,7 @@ def _diagnose_vae(run: Run, vae, x_all: torch.Tensor, o: DiagnoseOptions) -> Dia
 
 
 def verdicts(res: dict[str, Any]) -> dict[str, str]:
-    """Plain-words readings of the numbers in :func:`diagnose_run`'s results."""
+    """Plain-words readings of the numbers in `diagnose_run`'s results."""
     out = {"collapse": res["decomposition"]["verdict"]}
     ps = res["psis"]
     bad, good = ps["share_above_0.7"], ps["share_below_0.5"]

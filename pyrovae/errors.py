@@ -1,7 +1,7 @@
 """User-facing errors.
 
 Every mistake a *user* can make (bad config, bad data, missing files, untrusted checkpoints)
-raises a subclass of :class:`PyroVAEError` whose message names the field or file, the expected
+raises a subclass of `PyroVAEError` whose message names the field or file, the expected
 value and the actual value. The CLI prints these as one line and exits non-zero; anything else
 is a bug and keeps its traceback.
 """

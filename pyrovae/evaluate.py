@@ -9,7 +9,6 @@ whole batch ``x`` (no subsampling). Values are in **nats per datapoint**.
 * :func:`log_likelihood` — the importance-sampled (IWAE) bound
   $\log \frac1K \sum_{k=1}^K w_k \le \log p(x)$ in expectation, which increases with $K$ and
   converges to $\log p(x)$ (Burda et al., "Importance Weighted Autoencoders", ICLR 2016);
-* :func:`evaluate_run` — test-set metrics of a run folder, optionally with the IWAE estimate.
 
 Particles are vectorized with an extra ``pyro.plate`` left of the model's plates, so one model
 call scores a whole chunk of $K \times B$ latent draws.
@@ -20,17 +19,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
-
-from pyrovae.errors import PyroVAEError
-
-if TYPE_CHECKING:
-    from pyrovae.train import Run
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_num_particles"
@@ -85,13 +78,25 @@ def is_scored(site: dict) -> bool:
     )
 
 
-def vectorized_traces(model, guide, x: torch.Tensor, num_particles: int, *args, **kwargs):
-    """Guide and (replayed) model traces with ``num_particles`` draws per datapoint.
+def vectorized_traces(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_particles: int,
+    *args,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+):
+    """Guide and (replayed) model traces with `num_particles` draws per datapoint.
 
-    Returns ``(guide_trace, model_trace, particle_dim)``; every sample site's batch shape is
-    ``(num_particles, N)`` at dims ``(particle_dim, data dim)``. Gradients flow (no ``no_grad``).
+    Returns `(guide_trace, model_trace, particle_dim)`; every sample site's batch shape is
+    `(num_particles, N)` at dims `(particle_dim, data dim)`. Gradients flow (no `no_grad`).
+    `max_plate_nesting`: the program's plate depth when known (else one extra run of guide
+    and model finds it).
     """
-    nesting = _max_plate_nesting(model, guide, x, *args, **kwargs)
+    nesting = max_plate_nesting
+    if nesting is None:
+        nesting = _max_plate_nesting(model, guide, x, *args, **kwargs)
     pdim = -(nesting + 1)
     particles = pyro.plate(PARTICLE_PLATE, num_particles, dim=pdim)
 
@@ -229,59 +234,12 @@ def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-def evaluate_run(
-    run: Run, iwae_samples: int | None = None, batch_size: int | None = None
-) -> dict[str, Any]:
-    r"""Test-split metrics of a run (see :func:`pyrovae.train.final_metrics`), plus
-    ``log_likelihood`` (IWAE, ``iwae_samples`` = K) with its standard error when asked.
-
-    All values are nats per datapoint. ``run`` must be loaded with its data
-    (``load_run(dir, data=True)``). For an autoencoder run the log-likelihood is ``None`` with
-    the reason in ``log_likelihood_note``.
-    """
-    from pyrovae.model import VAE
-    from pyrovae.train import final_metrics
-
-    if run.data is None:
-        raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
-    if iwae_samples is not None and iwae_samples < 1:
-        raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
-    m = final_metrics(run)
-    m.pop("history", None)
-    if iwae_samples is None:
-        return m
-    m.update(log_likelihood_samples=iwae_samples, log_likelihood_split="test")
-    model = run.model
-    if not isinstance(model, VAE):
-        m.update(log_likelihood=None, log_likelihood_se=None)
-        m["log_likelihood_note"] = (
-            "not defined for an autoencoder: it has no prior p(z) and no q(z|x)"
-        )
-        return m
-    device = next(model.parameters()).device
-    with evaluation_mode(model):
-        ll = log_likelihood(
-            model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
-        )
-    mean, se = mean_and_se(ll)
-    m.update(log_likelihood=mean, log_likelihood_se=se)
-    m["log_likelihood_note"] = (
-        f"importance-sampled log p(x) (IWAE bound, K={iwae_samples}, proposal q(z|x)) on the "
-        f"test split, binarize={run.config.data.binarize!r}; nats per datapoint, higher is "
-        "better; negative log-likelihood (NLL) = -log_likelihood"
-    )
-    return m
-
-
 @contextmanager
-def evaluation_mode(vae) -> Iterator[Any]:
-    """Evaluate a :class:`pyrovae.VAE` as the plain ELBO model: β = 1, ``eval()``, no Pyro
-    param-store registration; everything is restored on exit."""
-    saved = (vae.kl_scale, vae.register_params, vae.training)
-    vae.kl_scale, vae.register_params = 1.0, False
-    vae.eval()
+def evaluation_mode(net: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`net.eval()` inside the block, its previous train/eval mode restored on exit."""
+    was_training = net.training
+    net.eval()
     try:
-        yield vae
+        yield net
     finally:
-        vae.kl_scale, vae.register_params = saved[0], saved[1]
-        vae.train(saved[2])
+        net.train(was_training)

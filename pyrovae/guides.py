@@ -18,8 +18,8 @@ import pyro.distributions.transforms as T
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn.functional import softplus
 
-from pyrovae.fastmath import softplus
 from pyrovae.networks import build_network
 from pyrovae.registry import Registry, Spec
 
@@ -36,7 +36,9 @@ class Guide(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.latent_dim = spec, latent_dim
-        self.encoder = build_network(encoder_spec, data_shape, 2 * latent_dim)
+        self.encoder = build_network(
+            encoder_spec, data_shape, (2 * latent_dim,), name="model.encoder"
+        )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The Gaussian part: :math:`(\\mu_\\phi(x), \\sigma_\\phi(x))`."""

@@ -1,9 +1,11 @@
-"""Encoder and decoder networks: ``mlp``, ``conv`` and ``linear``.
+"""Encoder and decoder networks: `mlp`, `conv` and `linear`.
 
-Every network maps a tensor with arbitrary leading (batch/particle) dimensions and a trailing
-feature dimension ``in_dim`` to one with trailing dimension ``out_dim``. Image shapes such as
-``(1, 28, 28)`` are only needed by ``conv``, which reshapes internally, so the Pyro model always
-sees flat vectors ``(..., D)``.
+Every network is built the same way, `NETWORKS.build(spec, in_shape, out_shape)`, and maps a
+tensor with arbitrary leading (batch/particle) dimensions and a flat trailing feature dimension
+`prod(in_shape)` to one with trailing dimension `prod(out_shape)`. Image shapes such as
+`(1, 28, 28)` matter only to `conv`, which reshapes internally, so the Pyro model always sees
+flat vectors `(..., D)`. A decoder for a likelihood with `k` parameters per feature has
+`out_shape = (k * C, H, W)` for images and `(k * D,)` for vectors.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pyrovae.fastmath import Softplus
+from pyrovae.errors import ConfigError
 from pyrovae.registry import Registry, Spec
 
 Activation = Literal["relu", "softplus", "tanh", "elu", "gelu", "leaky_relu", "sigmoid"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
-    "softplus": Softplus,  # torch.nn.Softplus's values, faster on CPU (pyrovae.fastmath)
+    "softplus": nn.Softplus,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
     "gelu": nn.GELU,
@@ -33,15 +35,15 @@ NETWORKS: Registry[nn.Module] = Registry("network")
 
 @NETWORKS.register
 class MLP(nn.Sequential):
-    """Fully connected network ``in -> hidden[0] -> ... -> out`` with an activation between layers."""
+    """Fully connected network `in -> hidden[0] -> ... -> out` with an activation between layers."""
 
     class Spec(Spec):
         kind: Literal["mlp"] = "mlp"
         hidden: list[int] = [256, 128]
         activation: Activation = "softplus"
 
-    def __init__(self, spec: MLP.Spec, in_shape: tuple[int, ...], out_dim: int) -> None:
-        sizes = [math.prod(in_shape), *spec.hidden, out_dim]
+    def __init__(self, spec: MLP.Spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        sizes = [math.prod(in_shape), *spec.hidden, math.prod(out_shape)]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
@@ -57,12 +59,14 @@ class Linear(nn.Linear):
     class Spec(Spec):
         kind: Literal["linear"] = "linear"
 
-    def __init__(self, spec: Linear.Spec, in_shape: tuple[int, ...], out_dim: int) -> None:
-        super().__init__(math.prod(in_shape), out_dim)
+    def __init__(
+        self, spec: Linear.Spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+    ) -> None:
+        super().__init__(math.prod(in_shape), math.prod(out_shape))
 
 
 def _conv_sizes(size: int, n: int) -> list[int]:
-    """Spatial sizes after ``n`` stride-2 convolutions (kernel 3, padding 1): ceil(s / 2)."""
+    """Spatial sizes after `n` stride-2 convolutions (kernel 3, padding 1): ceil(s / 2)."""
     sizes = [size]
     for _ in range(n):
         sizes.append((sizes[-1] + 1) // 2)
@@ -73,10 +77,11 @@ def _conv_sizes(size: int, n: int) -> list[int]:
 class Conv(nn.Module):
     """Convolutional encoder (image -> vector) or decoder (vector -> image).
 
-    Encoder: stride-2 3x3 convolutions with ``channels`` filters, then a linear layer.
-    Decoder: the mirror image, transposed convolutions with ``output_padding`` chosen so the
-    output is exactly the data's ``(C, H, W)`` for any size (8x8, 28x28, 32x32, ...).
-    Whether it is an encoder or a decoder is decided by which side has an image shape.
+    Encoder: stride-2 3x3 convolutions with `channels` filters, then a linear layer.
+    Decoder: the mirror image, transposed convolutions with `output_padding` chosen so the
+    output is exactly the image shape `(C, H, W)` for any size (8x8, 28x28, 32x32, ...).
+    Whether it is an encoder or a decoder is decided by which side has an image shape; a
+    `ConfigError` if neither (or both) has one.
     """
 
     class Spec(Spec):
@@ -85,19 +90,19 @@ class Conv(nn.Module):
         activation: Activation = "relu"
 
     def __init__(
-        self,
-        spec: Conv.Spec,
-        in_shape: tuple[int, ...],
-        out_dim: int,
-        out_shape: tuple[int, ...] | None = None,
-        out_channels_per_pixel: int = 1,
+        self, spec: Conv.Spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
     ) -> None:
         super().__init__()
         act = _ACTIVATIONS[spec.activation]
-        self.decoder = out_shape is not None
+        self.decoder = len(out_shape) == 3
+        if self.decoder == (len(in_shape) == 3):
+            raise ConfigError(
+                'kind = "conv" needs image data: expected points of shape (C, H, W) on exactly '
+                f"one side, got input shape {tuple(in_shape)} and output shape "
+                f'{tuple(out_shape)}; use kind = "mlp" for vector data'
+            )
         image = out_shape if self.decoder else in_shape
-        if image is None or len(image) != 3:
-            raise ValueError(f"conv networks need image data of shape (C, H, W), got {image}")
+        out_dim = math.prod(out_shape)
         c, h, w = image
         hs, ws = _conv_sizes(h, len(spec.channels)), _conv_sizes(w, len(spec.channels))
         self.image, self.inner = image, (spec.channels[-1], hs[-1], ws[-1])
@@ -109,7 +114,7 @@ class Conv(nn.Module):
             self.net = nn.Sequential(*convs, nn.Flatten(), nn.Linear(flat, out_dim))
         else:
             self.fc = nn.Sequential(nn.Linear(math.prod(in_shape), flat), act())
-            chans = [*reversed(spec.channels), c * out_channels_per_pixel]
+            chans = [*reversed(spec.channels), c]
             layers: list[nn.Module] = []
             for i in range(len(spec.channels)):
                 j = len(spec.channels) - i  # from the innermost size outwards
@@ -140,13 +145,13 @@ class Conv(nn.Module):
 
 
 def build_network(
-    spec: Spec,
-    in_shape: tuple[int, ...],
-    out_dim: int,
-    out_shape: tuple[int, ...] | None = None,
-    out_channels_per_pixel: int = 1,
+    spec: Spec, in_shape: tuple[int, ...], out_shape: tuple[int, ...], name: str = "network"
 ) -> nn.Module:
-    """Build an encoder (``in_shape`` = data shape) or a decoder (``out_shape`` = data shape)."""
-    if spec.kind == "conv":
-        return Conv(spec, in_shape, out_dim, out_shape, out_channels_per_pixel)
-    return NETWORKS.build(spec, in_shape, out_dim)
+    """The network `spec` describes, from points of `in_shape` to outputs of `out_shape`.
+
+    `name` (e.g. `"model.encoder"`) prefixes a `ConfigError` the network raises for these shapes.
+    """
+    try:
+        return NETWORKS.build(spec, tuple(in_shape), tuple(out_shape))
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None

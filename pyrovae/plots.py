@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 if TYPE_CHECKING:
-    from pyrovae.train import Run
+    from pyrovae.runs import Run
 
 
 def _is_image(shape: tuple[int, ...]) -> bool:

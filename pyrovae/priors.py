@@ -1,18 +1,16 @@
-r"""Priors :math:`p(z)` over the latent code, chosen by ``model.prior.kind``.
+r"""Priors $p(z)$ over the latent code, chosen by `model.prior.kind`.
 
-Each prior is an ``nn.Module`` (so learned priors train with the rest) whose ``forward()``
-returns a ``pyro.distributions`` object with ``event_shape == (latent_dim,)`` and empty batch
-shape; the model's ``pyro.plate("data")`` broadcasts it over datapoints.
+Each prior is an `nn.Module` (so learned priors train with the rest) whose `forward()`
+returns a `pyro.distributions` object with `event_shape == (latent_dim,)` and empty batch
+shape; the model's `pyro.plate("data")` broadcasts it over datapoints.
 
-=================  =====================================================================
-``normal``         :math:`\mathcal N(0, I)` — the standard VAE prior (Kingma & Welling 2014)
-``normal_learned`` :math:`\mathcal N(\mu, \mathrm{diag}\,\sigma^2)` with learned :math:`\mu, \sigma`
-``mixture``        :math:`\sum_k \pi_k \mathcal N(\mu_k, \mathrm{diag}\,\sigma_k^2)`, all learned
-``vamp``           VampPrior :math:`\frac1K \sum_k q(z \mid u_k)` with learned pseudo-inputs
-                   :math:`u_k` (Tomczak & Welling 2018)
-``flow``           :math:`z = f(\epsilon),\ \epsilon \sim \mathcal N(0, I)` with a learned
-                   normalizing flow ``f`` (autoregressive, Papamakarios et al. 2017)
-=================  =====================================================================
+| `kind` | prior |
+| --- | --- |
+| `normal` | $\mathcal N(0, I)$ — the standard VAE prior (Kingma & Welling 2014) |
+| `normal_learned` | $\mathcal N(\mu, \mathrm{diag}\,\sigma^2)$ with learned $\mu, \sigma$ |
+| `mixture` | $\sum_k \pi_k \mathcal N(\mu_k, \mathrm{diag}\,\sigma_k^2)$, all learned |
+| `vamp` | VampPrior $\frac1K \sum_k q(z \mid u_k)$ with learned pseudo-inputs $u_k$ (Tomczak & Welling 2018) |
+| `flow` | $z = f(\epsilon),\ \epsilon \sim \mathcal N(0, I)$ with a learned normalizing flow `f` (autoregressive, Papamakarios et al. 2017) |
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Prior(nn.Module):
-    """Base class: ``forward()`` returns p(z) as a Pyro distribution over ``(latent_dim,)``."""
+    """Base class: `forward()` returns p(z) as a Pyro distribution over `(latent_dim,)`."""
 
     Spec: type[Spec]
 
@@ -49,7 +47,7 @@ class Prior(nn.Module):
 
 
 class DiagonalNormalMixture(dist.MixtureSameFamily):
-    r"""``MixtureSameFamily`` of K diagonal Gaussians whose ``log_prob`` is two matrix products.
+    r"""`MixtureSameFamily` of K diagonal Gaussians whose `log_prob` is two matrix products.
 
     Expanding the square in each component's log-density,
 
@@ -60,11 +58,11 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
     - \tfrac D2 \log 2\pi,
     $$
 
-    gives all (point, component) pairs as ``(N, D) @ (D, K)`` products instead of the
-    ``(N, K, D)`` broadcast of the generic ``log_prob`` (for the VampPrior's K = 500 that broadcast
+    gives all (point, component) pairs as `(N, D) @ (D, K)` products instead of the
+    `(N, K, D)` broadcast of the generic `log_prob` (for the VampPrior's K = 500 that broadcast
     made a training step 7x slower than the standard VAE's). The quadratic form is taken in
     float64, so the cancellation between its terms costs no accuracy when some
-    :math:`\sigma_k` are small. Sampling, ``mean``, ``variance`` are the parent's.
+    $\sigma_k$ are small. Sampling, `mean`, `variance` are the parent's.
     """
 
     def __init__(
@@ -77,7 +75,7 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
         )
 
     def expand(self, batch_shape, _instance=None) -> DiagonalNormalMixture:
-        """Same (K, D) parameters, a larger batch shape: ``log_prob`` broadcasts over the value's
+        """Same (K, D) parameters, a larger batch shape: `log_prob` broadcasts over the value's
         leading dims anyway, so nothing is copied (a plate only records the batch shape)."""
         normal = self.component_distribution.base_dist
         new = DiagonalNormalMixture(
@@ -122,7 +120,7 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
 
 @PRIORS.register
 class StandardNormal(Prior):
-    r""":math:`p(z) = \mathcal N(0, I)`."""
+    r"""$p(z) = \mathcal N(0, I)$."""
 
     class Spec(Spec):
         kind: Literal["normal"] = "normal"
@@ -138,7 +136,7 @@ class StandardNormal(Prior):
 
 @PRIORS.register
 class LearnedNormal(Prior):
-    r""":math:`p(z) = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)`, :math:`\mu, \log\sigma` learned."""
+    r"""$p(z) = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)$, $\mu, \log\sigma$ learned."""
 
     class Spec(Spec):
         kind: Literal["normal_learned"] = "normal_learned"
@@ -154,7 +152,7 @@ class LearnedNormal(Prior):
 
 @PRIORS.register
 class GaussianMixture(Prior):
-    r""":math:`p(z) = \sum_{k=1}^K \pi_k\, \mathcal N(z; \mu_k, \mathrm{diag}\,\sigma_k^2)`, all learned."""
+    r"""$p(z) = \sum_{k=1}^K \pi_k\, \mathcal N(z; \mu_k, \mathrm{diag}\,\sigma_k^2)$, all learned."""
 
     class Spec(Spec):
         kind: Literal["mixture"] = "mixture"
@@ -174,9 +172,9 @@ class GaussianMixture(Prior):
 
 @PRIORS.register
 class VampPrior(Prior):
-    r"""VampPrior: :math:`p(z) = \frac1K \sum_{k=1}^K q_\phi(z \mid u_k)`.
+    r"""VampPrior: $p(z) = \frac1K \sum_{k=1}^K q_\phi(z \mid u_k)$.
 
-    The pseudo-inputs :math:`u_k` live in data space and are learned; :math:`q_\phi` is the
+    The pseudo-inputs $u_k$ live in data space and are learned; $q_\phi$ is the
     (Gaussian part of the) encoder, so the prior moves with the amortized posterior
     (Tomczak & Welling, "VAE with a VampPrior", AISTATS 2018).
     """
@@ -203,11 +201,11 @@ class VampPrior(Prior):
 
 @PRIORS.register
 class FlowPrior(Prior):
-    r"""Normalizing-flow prior :math:`p(z) = \mathcal N(f^{-1}(z); 0, I)\,|\det J_{f^{-1}}(z)|`.
+    r"""Normalizing-flow prior $p(z) = \mathcal N(f^{-1}(z); 0, I)\,|\det J_{f^{-1}}(z)|$.
 
-    ``f^{-1}`` is a stack of affine autoregressive (MAF) layers from
-    ``pyro.distributions.transforms`` with permutations between them; scoring ``z`` (what the
-    ELBO needs) is one network pass per layer, sampling is sequential. For ``latent_dim = 1``
+    `f^{-1}` is a stack of affine autoregressive (MAF) layers from
+    `pyro.distributions.transforms` with permutations between them; scoring `z` (what the
+    ELBO needs) is one network pass per layer, sampling is sequential. For `latent_dim = 1`
     the layers are monotone rational-quadratic splines (Durkan et al. 2019).
     """
 

@@ -1,8 +1,8 @@
-"""A tiny registry: ``kind`` string -> small class with a validated ``Spec``.
+"""A tiny registry: `kind` string -> small class with a validated `Spec`.
 
 Priors, likelihoods, networks and guides are each a registry of classes. Every class carries a
-pydantic ``Spec`` whose ``kind`` field is a ``Literal``; the config schema is the discriminated
-union of the registered specs, so adding a prior is one class in ``priors.py`` (and its test).
+pydantic `Spec` whose `kind` field is a `Literal`; the config schema is the discriminated
+union of the registered specs, so adding a prior is one class in `priors.py` (and its test).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Spec(BaseModel):
 
 
 class Registry(Generic[T]):
-    """Maps ``kind`` to a class that has a ``Spec`` (pydantic model with a ``kind`` literal)."""
+    """Maps `kind` to a class that has a `Spec` (pydantic model with a `kind` literal)."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -41,7 +41,7 @@ class Registry(Generic[T]):
         return self._classes[kind]
 
     def spec_type(self) -> Any:
-        """The pydantic type accepting any registered spec, chosen by its ``kind`` field."""
+        """The pydantic type accepting any registered spec, chosen by its `kind` field."""
         specs = tuple(c.Spec for c in self._classes.values())  # type: ignore[attr-defined]
         if len(specs) == 1:
             return specs[0]

@@ -1,6 +1,6 @@
-"""The self-contained HTML report of ``pyrovae diagnose`` and its figures.
+"""The self-contained HTML report of `pyrovae diagnose` and its figures.
 
-Figures are drawn with matplotlib (Agg) into PNG bytes and embedded as base64 ``data:`` URIs,
+Figures are drawn with matplotlib (Agg) into PNG bytes and embedded as base64 `data:` URIs,
 so the report is one file that opens from disk in any browser, with no network access.
 """
 
@@ -367,7 +367,7 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
 
 
 def write_report(diag: Diagnosis, path: str | Path) -> Path:
-    """Write :func:`render_html` to ``path`` (atomically) and return the path."""
+    """Write `render_html` to `path` (atomically) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

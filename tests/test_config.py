@@ -101,6 +101,6 @@ def test_save_and_reload_round_trip(tmp_path):
             }
         }
     )
-    c.save(tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text(c.to_toml())
     assert load_config(tmp_path / "c.toml") == c
     assert isinstance(c, Config)

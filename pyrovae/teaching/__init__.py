@@ -1,8 +1,8 @@
 """The teaching track: every step of the lecture "autoencoders → VAEs", runnable and checked.
 
 Each lesson module has functions returning a small result dataclass with the lesson's numbers,
-and a ``plot_*`` function drawing its figure. ``examples/lessonN_*.py`` print the numbers and
-write the figure; ``tests/test_teaching_*.py`` assert the claims; ``docs/lessons/`` derive them.
+and a `plot_*` function drawing its figure. `examples/lessonN_*.py` print the numbers and
+write the figure; `tests/test_teaching_*.py` assert the claims; `docs/lessons/` derive them.
 
 * [`pyrovae.teaching.linear_ae`][pyrovae.teaching.linear_ae] — lesson 1, a linear autoencoder learns PCA's subspace.
 * [`pyrovae.teaching.deep_vs_linear`][pyrovae.teaching.deep_vs_linear] — lesson 2, a deep autoencoder beats the linear one

@@ -26,8 +26,8 @@ follow:
    leaves its loss unchanged, so $z \sim \mathcal N(0, I)$ pushed through its decoder is *not* a
    sample of anything.
 
-The identity is checked to round-off with Pyro's own ``TraceMeanField_ELBO`` (analytic KL) and
-``Trace_ELBO`` (sampled KL) on a batch, replaying the same $z$.
+The identity is checked to round-off with Pyro's own `TraceMeanField_ELBO` (analytic KL) and
+`Trace_ELBO` (sampled KL) on a batch, replaying the same $z$.
 
 References:
     D. P. Kingma, M. Welling (2014), *Auto-encoding variational Bayes*, ICLR (eq. 10, appendix B).
@@ -79,12 +79,12 @@ def paired_configs(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Configs of an autoencoder and a VAE with the same networks, data, optimiser and seed.
 
-    Both use the ``normal`` likelihood: for the autoencoder its loss is
+    Both use the `normal` likelihood: for the autoencoder its loss is
     $\\lVert x - \\hat x\\rVert^2$, for the VAE it is $\\mathcal N(x; \\mu(z), \\sigma^2 I)$ with
-    $\\sigma$ = ``scale``.
+    $\\sigma$ = `scale`.
 
     Returns:
-        ``(ae_config, vae_config)``.
+        `(ae_config, vae_config)`.
     """
     hidden = [int(h) for h in hidden]
     model = {
@@ -115,21 +115,21 @@ class IdentityCheck:
     const: float
     """$\\frac D2 \\log(2\\pi\\sigma^2)$."""
     squared_error: np.ndarray
-    """``[n]`` $\\lVert x - \\mu(z)\\rVert^2$ at the replayed $z \\sim q(z\\mid x)$."""
+    """`[n]` $\\lVert x - \\mu(z)\\rVert^2$ at the replayed $z \\sim q(z\\mid x)$."""
     kl: np.ndarray
-    """``[n]`` analytic $\\mathrm{KL}(q(z\\mid x)\\,\\|\\,\\mathcal N(0, I))$ (closed form above)."""
+    """`[n]` analytic $\\mathrm{KL}(q(z\\mid x)\\,\\|\\,\\mathcal N(0, I))$ (closed form above)."""
     neg_elbo_formula: np.ndarray
-    """``[n]`` $\\lVert x-\\hat x\\rVert^2/2\\sigma^2 + \\mathrm{KL} + $ const."""
+    """`[n]` $\\lVert x-\\hat x\\rVert^2/2\\sigma^2 + \\mathrm{KL}$ + const."""
     neg_elbo_pyro: np.ndarray
-    """``[n]`` $-\\log p(x\\mid z) + \\mathrm{KL}$ from the Pyro model trace and ``kl_divergence``."""
+    """`[n]` $-\\log p(x\\mid z) + \\mathrm{KL}$ from the Pyro model trace and `kl_divergence`."""
     max_abs_diff: float
     """max over the batch of |formula − Pyro trace| (nats)."""
     mean_field_loss: float
-    """``TraceMeanField_ELBO().loss`` on the batch with the replayed $z$ (sum over datapoints)."""
+    """`TraceMeanField_ELBO().loss` on the batch with the replayed $z$ (sum over datapoints)."""
     mean_field_diff: float
     """|that − Σ formula|."""
     trace_elbo_loss: float
-    """``Trace_ELBO().loss`` with the replayed $z$ (KL estimated by $\\log q(z|x) - \\log p(z)$)."""
+    """`Trace_ELBO().loss` with the replayed $z$ (KL estimated by $\\log q(z|x) - \\log p(z)$)."""
     trace_elbo_diff: float
     """|that − Σ (squared error/2σ² + const + log q(z|x) − log p(z))|."""
 
@@ -142,12 +142,12 @@ def gaussian_elbo_identity(vae: Any, x: Tensor, seed: int = 0) -> IdentityCheck:
 
     * the formula, from the decoder mean $\hat x = \mu_\theta(z)$ and the closed-form KL;
     * the Pyro model trace replayed on $z$: $-\log p(x\mid z)$ plus
-      ``torch.distributions.kl_divergence(q, p)``;
-    * ``pyro.infer.TraceMeanField_ELBO().loss`` and ``Trace_ELBO().loss`` on the guide replayed
-      with ``poutine.replay`` (their sums over the batch).
+      `torch.distributions.kl_divergence(q, p)`;
+    * `pyro.infer.TraceMeanField_ELBO().loss` and `Trace_ELBO().loss` on the guide replayed
+      with `poutine.replay` (their sums over the batch).
 
-    Run it in float64 to see agreement to round-off. The VAE must have a ``normal`` likelihood
-    with a fixed scale, a ``normal`` prior and a ``normal`` guide.
+    Run it in float64 to see agreement to round-off. The VAE must have a `normal` likelihood
+    with a fixed scale, a `normal` prior and a `normal` guide.
     """
     spec = vae.config
     if spec.likelihood.kind != "normal" or spec.likelihood.scale == "learned":
@@ -211,15 +211,15 @@ class CodeStats:
     """Mean and variance per latent coordinate of a set of codes, and their distance to $\\mathcal N(0, I)$."""
 
     mean: np.ndarray
-    """``[d]`` mean."""
+    """`[d]` mean."""
     var: np.ndarray
-    """``[d]`` variance."""
+    """`[d]` variance."""
     kl_to_prior: float
     """Moment-matched KL to $\\mathcal N(0, I)$ (nats)."""
 
 
 def code_stats(net: Any, x: Tensor) -> CodeStats:
-    r"""Moments of the codes of ``x``.
+    r"""Moments of the codes of `x`.
 
     For a [`pyrovae.VAE`][pyrovae.VAE]: the aggregate posterior $q(z) = \frac1N\sum_n q(z\mid x_n)$,
     a mixture, with mean $\bar m = \frac1N\sum_n m(x_n)$ and variance
@@ -267,19 +267,19 @@ class AEvsVAEResult:
     vae_recon: np.ndarray
     """Their VAE reconstructions."""
     prior_z: np.ndarray
-    """``[n_samples, d]`` draws $z \\sim \\mathcal N(0, I)$."""
+    """`[n_samples, d]` draws $z \\sim \\mathcal N(0, I)$."""
     ae_prior_decodes: np.ndarray
     """The AE decoder applied to them."""
     vae_samples: np.ndarray
     """The VAE decoder mean applied to them: samples of the model (means $E[x\\mid z]$)."""
     ae_test_codes: np.ndarray
-    """``[N_test, d]`` AE codes of the test split."""
+    """`[N_test, d]` AE codes of the test split."""
     vae_test_codes: np.ndarray
-    """``[N_test, d]`` VAE posterior means of the test split."""
+    """`[N_test, d]` VAE posterior means of the test split."""
     labels_test: np.ndarray
     """Digit labels of the test split."""
     prior_mass_ae: float
-    """Share of the AE's test codes inside the prior's 95% ball (the VAE's: see ``prior_mass_vae``)."""
+    """Share of the AE's test codes inside the prior's 95% ball (the VAE's: see `prior_mass_vae`)."""
     prior_mass_vae: float
     """Share of the VAE's posterior means inside the prior's 95% ball."""
 

@@ -14,9 +14,9 @@ $$\min_{\phi, \theta} \; \frac1N \sum_{n=1}^N \lVert x_n - g_\theta(f_\phi(x_n))
   closely (Hinton & Salakhutdinov 2006), so its error can fall *below* the PCA residual — the
   floor of every linear autoencoder.
 
-Both networks are pyrovae's [`AutoEncoder`][pyrovae.AutoEncoder] (``model.kind = "ae"``,
-``variant = "linear"`` / ``"deep"``) trained by [`pyrovae.fit`][pyrovae.fit] with the
-``normal`` likelihood, whose autoencoder loss is the squared error above.
+Both networks are pyrovae's [`AutoEncoder`][pyrovae.AutoEncoder] (`model.kind = "ae"`,
+`variant = "linear"` / `"deep"`) trained by [`pyrovae.fit`][pyrovae.fit] with the
+`normal` likelihood, whose autoencoder loss is the squared error above.
 
 References:
     C. Eckart, G. Young (1936), *The approximation of one matrix by another of lower rank*,
@@ -60,7 +60,7 @@ __all__ = [
 def preserved_rng() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's global random states on exit.
 
-    [`pyrovae.fit`][pyrovae.fit] reseeds all three (``pyro.set_rng_seed``); a lesson must not
+    [`pyrovae.fit`][pyrovae.fit] reseeds all three (`pyro.set_rng_seed`); a lesson must not
     change its caller's random stream.
     """
     py, np_state = random.getstate(), np.random.get_state()
@@ -75,16 +75,16 @@ def preserved_rng() -> Iterator[None]:
 def fit_quietly(config: dict[str, Any], workdir: str | Path | None = None) -> Any:
     """Train a config with [`pyrovae.fit`][pyrovae.fit], without progress bars or figures.
 
-    The run folder goes to ``workdir`` (kept) or to a temporary folder (deleted afterwards; the
-    returned ``Run`` keeps its model and data in memory). The caller's global random states are
+    The run folder goes to `workdir` (kept) or to a temporary folder (deleted afterwards; the
+    returned `Run` keeps its model and data in memory). The caller's global random states are
     preserved.
 
     Args:
-        config: a config dict (``[data]``, ``[model]``, ``[train]``).
-        workdir: folder for the run, or ``None`` for a temporary one.
+        config: a config dict (`[data]`, `[model]`, `[train]`).
+        workdir: folder for the run, or `None` for a temporary one.
 
     Returns:
-        The [`Run`][pyrovae.train.Run] (``run.model``, ``run.data``, ``run.metrics``).
+        The [`Run`][pyrovae.runs.Run] (`run.model`, `run.data`, `run.metrics`).
     """
     import pyrovae
 
@@ -106,11 +106,11 @@ def ae_config(
     noise: float = 0.3,
     activation: str = "softplus",
 ) -> dict[str, Any]:
-    """A digits config for an autoencoder of the given ``variant`` with squared-error loss.
+    """A digits config for an autoencoder of the given `variant` with squared-error loss.
 
-    The encoder is an MLP ``64 → hidden → code_size``, the decoder its mirror image
-    ``code_size → reversed(hidden) → 64`` (``hidden = ()`` gives single affine maps; the
-    ``linear`` variant always uses single affine maps). The likelihood is ``normal``, whose
+    The encoder is an MLP `64 → hidden → code_size`, the decoder its mirror image
+    `code_size → reversed(hidden) → 64` (`hidden = ()` gives single affine maps; the
+    `linear` variant always uses single affine maps). The likelihood is `normal`, whose
     autoencoder loss is $\\lVert x - \\hat x \\rVert^2$ summed over pixels.
     """
     hidden = [int(h) for h in hidden]
@@ -142,14 +142,14 @@ def ae_config(
 
 
 def pca_test_error(x_train: Tensor, x_test: Tensor, k: int) -> tuple[float, float, Tensor]:
-    r"""PCA fitted on ``x_train``: mean squared reconstruction error per image on each split.
+    r"""PCA fitted on `x_train`: mean squared reconstruction error per image on each split.
 
     The rank-$k$ affine reconstruction $\hat x = \bar x + V_k V_k^\top (x - \bar x)$ with the top-$k$
     principal directions $V_k$ of the training data is the best any *linear* autoencoder can do
     on the training data.
 
     Returns:
-        ``(train error, test error, V_k [D, k])``.
+        `(train error, test error, V_k [D, k])`.
     """
     from sklearn.decomposition import PCA
 
@@ -191,15 +191,15 @@ class CodeSizeResult:
     deep_seconds: float
     """Training time of the deep autoencoder."""
     linear_recon: np.ndarray
-    """``[n_examples, 64]`` linear reconstructions of the example test images."""
+    """`[n_examples, 64]` linear reconstructions of the example test images."""
     deep_recon: np.ndarray
     """Deep reconstructions of the same images."""
     pca_recon: np.ndarray
     """PCA reconstructions of the same images."""
     linear_codes: np.ndarray
-    """``[N_test, k]`` linear codes of the test split."""
+    """`[N_test, k]` linear codes of the test split."""
     deep_codes: np.ndarray
-    """``[N_test, k]`` deep codes of the test split."""
+    """`[N_test, k]` deep codes of the test split."""
 
     @property
     def deep_vs_linear(self) -> float:
@@ -229,9 +229,9 @@ class DeepVsLinearResult:
     n_test: int
     """Test images."""
     examples: np.ndarray
-    """``[n_examples, 64]`` test images shown in the figure."""
+    """`[n_examples, 64]` test images shown in the figure."""
     labels_test: np.ndarray
-    """``[N_test]`` digit labels of the test split."""
+    """`[N_test]` digit labels of the test split."""
 
     @property
     def code_sizes(self) -> tuple[int, ...]:
@@ -239,7 +239,7 @@ class DeepVsLinearResult:
         return tuple(r.k for r in self.results)
 
     def at(self, k: int) -> CodeSizeResult:
-        """The result for code size ``k``."""
+        """The result for code size `k`."""
         for r in self.results:
             if r.k == k:
                 return r

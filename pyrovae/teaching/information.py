@@ -86,12 +86,12 @@ def information(p: float | Tensor, base: float = math.e) -> Tensor:
 
 
 def entropy(p: Tensor | list[float] | tuple[float, ...], base: float = math.e) -> Tensor:
-    r"""Entropy $H(p) = -\sum_i p_i \log_b p_i$, the expected information (``0 log 0 = 0``).
+    r"""Entropy $H(p) = -\sum_i p_i \log_b p_i$, the expected information (`0 log 0 = 0`).
 
-    Uses ``torch.special.entr`` ($-x \ln x$, defined as 0 at 0).
+    Uses `torch.special.entr` ($-x \ln x$, defined as 0 at 0).
 
     Args:
-        p: probability vector ``[K]`` or batch ``[..., K]``.
+        p: probability vector `[K]` or batch `[..., K]`.
         base: $e$ for nats, 2 for bits.
     """
     return torch.special.entr(_probs(p, "p")).sum(-1) / _log_base(base)
@@ -104,10 +104,10 @@ def kl_discrete(
 ) -> Tensor:
     r"""Discrete KL divergence $\mathrm{KL}(p\|q) = \sum_i p_i \log_b \frac{p_i}{q_i}$.
 
-    Terms with $p_i = 0$ contribute 0; $p_i > 0 = q_i$ gives $+\infty$ (``torch.special.xlogy``).
+    Terms with $p_i = 0$ contribute 0; $p_i > 0 = q_i$ gives $+\infty$ (`torch.special.xlogy`).
 
     Args:
-        p: probability vector ``[K]`` (or batch ``[..., K]``), the distribution of the data.
+        p: probability vector `[K]` (or batch `[..., K]`), the distribution of the data.
         q: probability vector of the same shape, the approximating distribution.
         base: $e$ for nats, 2 for bits.
     """
@@ -145,10 +145,10 @@ def diag_gaussian_kl(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     + \frac{\sigma_{1,i}^2 + (\mu_{1,i}-\mu_{2,i})^2}{2\sigma_{2,i}^2} - \frac12\Big]$.
 
     Args:
-        mu1: ``[..., d]`` means of $q$.
-        sigma1: ``[..., d]`` standard deviations of $q$.
-        mu2: ``[..., d]`` means of $p$.
-        sigma2: ``[..., d]`` standard deviations of $p$.
+        mu1: `[..., d]` means of $q$.
+        sigma1: `[..., d]` standard deviations of $q$.
+        mu2: `[..., d]` means of $p$.
+        sigma2: `[..., d]` standard deviations of $p$.
     """
     return gaussian_kl(mu1, sigma1, mu2, sigma2).sum(-1)
 
@@ -168,15 +168,15 @@ def mc_gaussian_kl(
     standard error $\hat s_w / \sqrt n$.
 
     Args:
-        mu1: ``[d]`` mean of the sampling distribution $p_1$.
-        sigma1: ``[d]`` its standard deviations.
-        mu2: ``[d]`` mean of $p_2$.
-        sigma2: ``[d]`` its standard deviations.
+        mu1: `[d]` mean of the sampling distribution $p_1$.
+        sigma1: `[d]` its standard deviations.
+        mu2: `[d]` mean of $p_2$.
+        sigma2: `[d]` its standard deviations.
         n: number of samples ($\ge 2$).
         generator: random generator.
 
     Returns:
-        ``(estimate, standard_error)`` in nats.
+        `(estimate, standard_error)` in nats.
     """
     if n < 2:
         raise ConfigError(f"n: expected >= 2 samples, got {n}")
@@ -215,7 +215,7 @@ def gibbs_check(n_pairs: int = 10_000, n_outcomes: int = 5, seed: int = 0) -> Gi
     r"""Check Gibbs' inequality $\mathrm{KL}(p\|q) \ge 0$ on random pairs $p, q \sim \mathrm{Dir}(\mathbf 1)$.
 
     Also cross-checks [`kl_discrete`][pyrovae.teaching.information.kl_discrete] against
-    ``torch.distributions.kl_divergence(Categorical(p), Categorical(q))``.
+    `torch.distributions.kl_divergence(Categorical(p), Categorical(q))`.
 
     Args:
         n_pairs: number of random pairs.
@@ -254,15 +254,15 @@ class MCConvergence:
     ns: np.ndarray
     """Sample sizes."""
     estimates: np.ndarray
-    """``[len(ns)]`` one estimate per sample size (independent draws)."""
+    """`[len(ns)]` one estimate per sample size (independent draws)."""
     stderrs: np.ndarray
-    """``[len(ns)]`` their standard errors."""
+    """`[len(ns)]` their standard errors."""
     rms_errors: np.ndarray
-    """``[len(ns)]`` root-mean-square error over ``repeats`` independent estimates."""
+    """`[len(ns)]` root-mean-square error over `repeats` independent estimates."""
     repeats: int
-    """Independent estimates per sample size behind ``rms_errors``."""
+    """Independent estimates per sample size behind `rms_errors`."""
     sd: float
-    r"""Standard deviation of one log-ratio $w$ (so the predicted RMS error is ``sd/sqrt(n)``)."""
+    r"""Standard deviation of one log-ratio $w$ (so the predicted RMS error is `sd/sqrt(n)`)."""
 
 
 def mc_convergence(
@@ -274,7 +274,7 @@ def mc_convergence(
     repeats: int = 20,
     seed: int = 0,
 ) -> MCConvergence:
-    """Monte Carlo estimates of a diagonal-Gaussian KL for growing sample sizes ``ns``.
+    """Monte Carlo estimates of a diagonal-Gaussian KL for growing sample sizes `ns`.
 
     Args:
         mu1: mean of $q$ (the sampling distribution).

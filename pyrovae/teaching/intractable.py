@@ -85,7 +85,7 @@ def vae_config(
     seed: int = 0,
 ) -> dict[str, Any]:
     """A small digits VAE: MLP encoder/decoder, $\\mathcal N(0, I)$ prior, normal likelihood
-    with fixed scale ``scale`` (a smooth, nearly Gaussian posterior)."""
+    with fixed scale `scale` (a smooth, nearly Gaussian posterior)."""
     hidden = [int(h) for h in hidden]
     return {
         "data": {"dataset": "digits"},
@@ -118,7 +118,7 @@ def trapezoid_grid(L: float, n: int, d: int, dtype: torch.dtype = _DT) -> tuple[
     r"""Points and log-weights of the product trapezoid rule on $[-L, L]^d$, $n$ points per axis.
 
     Returns:
-        ``(z [n^d, d], log_w [n^d])`` with $\sum_g e^{\log w_g} = (2L)^d$.
+        `(z [n^d, d], log_w [n^d])` with $\sum_g e^{\log w_g} = (2L)^d$.
     """
     if not L > 0 or n < 2 or d < 1:
         raise ConfigError(f"trapezoid_grid: expected L > 0, n >= 2, d >= 1; got {L}, {n}, {d}")
@@ -137,11 +137,11 @@ class Quadrature:
     """$\\log p(x)$ and the ELBO of each datapoint by the trapezoid rule (nats)."""
 
     log_px: Tensor
-    """``[N]`` $\\log \\int p(x\\mid z) p(z) dz$."""
+    """`[N]` $\\log \\int p(x\\mid z) p(z) dz$."""
     elbo: Tensor
-    """``[N]`` $\\int q(z\\mid x) \\log\\frac{p(x, z)}{q(z\\mid x)} dz$."""
+    """`[N]` $\\int q(z\\mid x) \\log\\frac{p(x, z)}{q(z\\mid x)} dz$."""
     q_mass: Tensor
-    """``[N]`` $\\int q(z\\mid x) dz$ on the grid (≈ 1: the grid covers $q$)."""
+    """`[N]` $\\int q(z\\mid x) dz$ on the grid (≈ 1: the grid covers $q$)."""
     n: int
     """Points per axis."""
     evaluations: int
@@ -152,7 +152,7 @@ class Quadrature:
 
 @torch.no_grad()
 def quadrature(vae: Any, x: Tensor, L: float = 6.0, n: int = 65, chunk: int = 4096) -> Quadrature:
-    r"""Trapezoid-rule $\log p(x)$ and ELBO for every row of ``x`` (one pass over the grid).
+    r"""Trapezoid-rule $\log p(x)$ and ELBO for every row of `x` (one pass over the grid).
 
     For each grid point $z_g$ the decoder runs once and $\log p(x_n \mid z_g) + \log p(z_g)$ is
     scored for all $N$ datapoints; the log-sum-exp over the grid is accumulated chunk by chunk.
@@ -160,7 +160,7 @@ def quadrature(vae: Any, x: Tensor, L: float = 6.0, n: int = 65, chunk: int = 40
 
     Args:
         vae: a [`pyrovae.VAE`][pyrovae.VAE] with a Gaussian guide (float64 recommended).
-        x: ``[N, D]`` datapoints (same dtype as the VAE).
+        x: `[N, D]` datapoints (same dtype as the VAE).
         L: half-width of the box $[-L, L]^d$.
         n: points per axis.
         chunk: grid points per decoder call.
@@ -228,7 +228,7 @@ class Refinement:
 
     @property
     def converged(self) -> bool:
-        """Whether the last refinement moved log p(x) and the ELBO by less than ``tol``."""
+        """Whether the last refinement moved log p(x) and the ELBO by less than `tol`."""
         return len(self.levels) > 1 and max(self.changes[-1], self.elbo_changes[-1]) < self.tol
 
     @property
@@ -238,7 +238,7 @@ class Refinement:
 
     @property
     def n_needed(self) -> int:
-        """The coarser of the last two resolutions — already within ``tol`` of the finer one."""
+        """The coarser of the last two resolutions — already within `tol` of the finer one."""
         return self.levels[-2].n if len(self.levels) > 1 else self.levels[-1].n
 
 
@@ -250,10 +250,10 @@ def refine_quadrature(
     tol: float = 1e-3,
     max_evaluations: int = 2_000_000,
 ) -> Refinement:
-    """Double the grid resolution until log p(x) and the ELBO change by less than ``tol`` nats.
+    """Double the grid resolution until log p(x) and the ELBO change by less than `tol` nats.
 
     Grids are nested ($n_{j+1} = 2 n_j - 1$), so every level reuses the previous points' span.
-    Stops early (``converged = False``) if the next grid would exceed ``max_evaluations`` points.
+    Stops early (`converged = False`) if the next grid would exceed `max_evaluations` points.
     """
     if n0 < 2 or not tol > 0:
         raise ConfigError(f"refine_quadrature: expected n0 >= 2 and tol > 0, got {n0}, {tol}")
@@ -288,11 +288,11 @@ def prior_guide(vae: Any) -> Callable[..., Tensor]:
 def log_weight_matrix(
     vae: Any, x: Tensor, m: int, proposal: str = "q", seed: int = 0, chunk: int = 10_000
 ) -> Tensor:
-    r"""``m`` log importance weights per datapoint, shape ``[m, N]`` (float64).
+    r"""`m` log importance weights per datapoint, shape `[m, N]` (float64).
 
-    ``proposal="q"``: $\log w = \log p(x, z) - \log q(z\mid x)$, $z \sim q(z\mid x)$;
-    ``"prior"``: $\log w = \log p(x\mid z)$, $z \sim p(z)$ (naive Monte Carlo). Drawn with
-    [`pyrovae.evaluate.log_weights`][pyrovae.evaluate.log_weights] in chunks of ``chunk``
+    `proposal="q"`: $\log w = \log p(x, z) - \log q(z\mid x)$, $z \sim q(z\mid x)$;
+    `"prior"`: $\log w = \log p(x\mid z)$, $z \sim p(z)$ (naive Monte Carlo). Drawn with
+    [`pyrovae.evaluate.log_weights`][pyrovae.evaluate.log_weights] in chunks of `chunk`
     particles, from a seeded, forked RNG.
     """
     if proposal not in ("q", "prior"):
@@ -312,10 +312,10 @@ def log_weight_matrix(
 
 
 def estimates_from_weights(log_w: Tensor, k: int) -> Tensor:
-    r"""Independent $K$-sample estimates $\log\frac1K\sum_{k} w_k$ from disjoint groups of ``log_w``.
+    r"""Independent $K$-sample estimates $\log\frac1K\sum_{k} w_k$ from disjoint groups of `log_w`.
 
-    Splits the ``[M, N]`` log weights into $\lfloor M/K \rfloor$ groups of $K$ and returns each
-    group's log-mean-exp, shape ``[M // K, N]``: repeated estimates for the price of one draw.
+    Splits the `[M, N]` log weights into $\lfloor M/K \rfloor$ groups of $K$ and returns each
+    group's log-mean-exp, shape `[M // K, N]`: repeated estimates for the price of one draw.
     """
     m = log_w.shape[0]
     if not 1 <= k <= m:
@@ -325,7 +325,7 @@ def estimates_from_weights(log_w: Tensor, k: int) -> Tensor:
 
 
 def ess_fraction(log_w: Tensor) -> Tensor:
-    r"""Effective sample size over the number of draws, per datapoint, from ``[M, N]`` log weights.
+    r"""Effective sample size over the number of draws, per datapoint, from `[M, N]` log weights.
 
     $\mathrm{ESS}/M = \frac{(\sum_k w_k)^2}{M \sum_k w_k^2} \in (0, 1]$ (Kong 1992): the share of
     the draws that effectively count.
@@ -346,11 +346,11 @@ class LatentSizeResult:
     refinement: Refinement
     """The quadrature at each resolution."""
     log_px: np.ndarray
-    """``[N]`` $\\log p(x)$ by quadrature (finest grid)."""
+    """`[N]` $\\log p(x)$ by quadrature (finest grid)."""
     elbo: np.ndarray
-    """``[N]`` ELBO by quadrature."""
+    """`[N]` ELBO by quadrature."""
     elbo_mc: np.ndarray
-    """``[N]`` ELBO by Monte Carlo (``pyrovae.evaluate.elbo``)."""
+    """`[N]` ELBO by Monte Carlo (`pyrovae.evaluate.elbo`)."""
     elbo_mc_particles: int
     """Particles of that estimate."""
     boundary_change: float
@@ -360,42 +360,42 @@ class LatentSizeResult:
     repeats: int
     """Independent estimates per $K$ (at the largest $K$)."""
     is_q: tuple[np.ndarray, ...]
-    """Per $K$: ``[R_K, N]`` independent importance-sampling estimates (proposal $q$)."""
+    """Per $K$: `[R_K, N]` independent importance-sampling estimates (proposal $q$)."""
     is_prior: tuple[np.ndarray, ...]
-    """Per $K$: ``[R_K, N]`` independent naive Monte Carlo estimates (proposal $p(z)$)."""
+    """Per $K$: `[R_K, N]` independent naive Monte Carlo estimates (proposal $p(z)$)."""
     is_library: np.ndarray
-    """``[N]`` ``pyrovae.evaluate.log_likelihood`` with the largest $K$ (a fresh draw)."""
+    """`[N]` `pyrovae.evaluate.log_likelihood` with the largest $K$ (a fresh draw)."""
     ess_q: np.ndarray
-    """``[N]`` ESS / draws of the $q$ proposal."""
+    """`[N]` ESS / draws of the $q$ proposal."""
     ess_prior: np.ndarray
-    """``[N]`` ESS / draws of the prior proposal."""
+    """`[N]` ESS / draws of the prior proposal."""
 
     def _bias(self, est: tuple[np.ndarray, ...]) -> np.ndarray:
         return np.array([(e - self.log_px).mean() for e in est])
 
     @property
     def is_bias(self) -> np.ndarray:
-        """``[len(ks)]`` mean over repeats and images of (IS from q − quadrature); ≤ 0 in expectation."""
+        """`[len(ks)]` mean over repeats and images of (IS from q − quadrature); ≤ 0 in expectation."""
         return self._bias(self.is_q)
 
     @property
     def prior_bias(self) -> np.ndarray:
-        """``[len(ks)]`` the same for naive Monte Carlo."""
+        """`[len(ks)]` the same for naive Monte Carlo."""
         return self._bias(self.is_prior)
 
     @property
     def is_max_error(self) -> np.ndarray:
-        """``[len(ks)]`` max over repeats and images of |IS from q − quadrature|."""
+        """`[len(ks)]` max over repeats and images of |IS from q − quadrature|."""
         return np.array([np.abs(e - self.log_px).max() for e in self.is_q])
 
     @property
     def prior_max_error(self) -> np.ndarray:
-        """``[len(ks)]`` max over repeats and images of |naive MC − quadrature|."""
+        """`[len(ks)]` max over repeats and images of |naive MC − quadrature|."""
         return np.array([np.abs(e - self.log_px).max() for e in self.is_prior])
 
     @property
     def gap(self) -> np.ndarray:
-        """``[N]`` log p(x) − ELBO = KL(q(z|x) ‖ p(z|x)) ≥ 0."""
+        """`[N]` log p(x) − ELBO = KL(q(z|x) ‖ p(z|x)) ≥ 0."""
         return self.log_px - self.elbo
 
     seconds_per_point: float
@@ -418,7 +418,7 @@ class IntractableResult:
     tol: float
     """Quadrature tolerance (nats)."""
     grid_n: int
-    """Points per axis that reached ``tol`` (largest over the trained latent sizes)."""
+    """Points per axis that reached `tol` (largest over the trained latent sizes)."""
     dims: np.ndarray
     """Latent sizes $d = 1, \\dots$ for the cost curve."""
     grid_evaluations: np.ndarray
@@ -432,7 +432,7 @@ class IntractableResult:
         return self.grid_evaluations * self.seconds_per_point
 
     def at(self, d: int) -> LatentSizeResult:
-        """The result for latent size ``d``."""
+        """The result for latent size `d`."""
         for r in self.per_dim:
             if r.latent_dim == d:
                 return r
@@ -466,7 +466,7 @@ def intractable_lesson(
         L: the grid covers $[-L, L]^d$.
         tol: quadrature tolerance in nats.
         repeats: independent estimates at the largest $K$ (more at smaller $K$: the
-            ``repeats * max(ks)`` draws are split into disjoint groups of $K$).
+            `repeats * max(ks)` draws are split into disjoint groups of $K$).
         elbo_particles: particles of the Monte Carlo ELBO.
         max_dim: the cost curve goes to this latent size.
         seed: seed of training and of the estimators.
@@ -483,7 +483,6 @@ def intractable_lesson(
         wd = None if workdir is None else Path(workdir) / f"vae_d{d}"
         run = fit_quietly(vae_config(d, hidden, scale, epochs, seed=seed), wd)
         vae = copy.deepcopy(run.model).double().eval()
-        vae.register_params = False
         x = run.data.x_test[:n_images].double()
         ref = refine_quadrature(vae, x, L=L, tol=tol)
         fine = ref.final

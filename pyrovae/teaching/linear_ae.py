@@ -52,7 +52,7 @@ __all__ = [
 
 
 def load_digits_matrix(dtype: torch.dtype = torch.float64) -> Tensor:
-    """The 1,797 scikit-learn 8×8 digits as a ``[1797, 64]`` tensor with values in $[0, 1]$.
+    """The 1,797 scikit-learn 8×8 digits as a `[1797, 64]` tensor with values in $[0, 1]$.
 
     Pixels are integers $0..16$ in the source, divided by 16 here.
     """
@@ -95,20 +95,20 @@ class TiedLinearAE(nn.Module):
         self.m = nn.Parameter(torch.zeros(d, dtype=dtype))
 
     def encode(self, x: Tensor) -> Tensor:
-        r"""$y = U^\top (x - m)$, shape ``[N, k]``."""
+        r"""$y = U^\top (x - m)$, shape `[N, k]`."""
         return (x - self.m) @ self.U
 
     def decode(self, y: Tensor) -> Tensor:
-        r"""$\hat x = U y + m$, shape ``[N, D]``."""
+        r"""$\hat x = U y + m$, shape `[N, D]`."""
         return y @ self.U.T + self.m
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction $\\hat x$ of ``x``."""
+        """Reconstruction $\\hat x$ of `x`."""
         return self.decode(self.encode(x))
 
     @property
     def decoder_basis(self) -> Tensor:
-        """Columns spanning the decoder subspace, ``[D, k]``."""
+        """Columns spanning the decoder subspace, `[D, k]`."""
         return self.U
 
 
@@ -136,20 +136,20 @@ class UntiedLinearAE(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(d, dtype=dtype))
 
     def encode(self, x: Tensor) -> Tensor:
-        """$y = W_1 x + b_1$, shape ``[N, k]``."""
+        """$y = W_1 x + b_1$, shape `[N, k]`."""
         return x @ self.W1.T + self.b1
 
     def decode(self, y: Tensor) -> Tensor:
-        """$\\hat x = W_2 y + b_2$, shape ``[N, D]``."""
+        """$\\hat x = W_2 y + b_2$, shape `[N, D]`."""
         return y @ self.W2.T + self.b2
 
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction $\\hat x$ of ``x``."""
+        """Reconstruction $\\hat x$ of `x`."""
         return self.decode(self.encode(x))
 
     @property
     def decoder_basis(self) -> Tensor:
-        """Columns spanning the decoder subspace, ``[D, k]``."""
+        """Columns spanning the decoder subspace, `[D, k]`."""
         return self.W2
 
 
@@ -169,7 +169,7 @@ def fit_full_batch(
     max_iter: int = 1000,
     tolerance_grad: float = 1e-10,
 ) -> int:
-    """Minimise ``loss_fn()`` over ``module``'s parameters with full-batch L-BFGS.
+    """Minimise `loss_fn()` over `module`'s parameters with full-batch L-BFGS.
 
     Uses a strong-Wolfe line search (Nocedal & Wright 2006, Alg. 7.5), which converges to a
     minimum in a few hundred iterations for these quadratic-in-each-factor objectives.
@@ -214,9 +214,9 @@ class PCAFit:
     """PCA of a data matrix: orthonormal top-$k$ directions, mean, and the residual."""
 
     components: Tensor
-    """``[D, k]`` orthonormal principal directions (columns)."""
+    """`[D, k]` orthonormal principal directions (columns)."""
     mean: Tensor
-    """``[D]`` data mean."""
+    """`[D]` data mean."""
     residual: float
     r"""Mean squared residual per datapoint, $\sum_{j>k} \lambda_j$ (population covariance)."""
 
@@ -226,10 +226,10 @@ class PCAFit:
 
 
 def pca_fit(x: Tensor, k: int) -> PCAFit:
-    """Top-$k$ PCA of ``x`` with scikit-learn's ``PCA`` (full SVD).
+    """Top-$k$ PCA of `x` with scikit-learn's `PCA` (full SVD).
 
     Args:
-        x: data ``[N, D]``.
+        x: data `[N, D]`.
         k: number of components.
 
     Returns:
@@ -253,19 +253,19 @@ def _orth(a: np.ndarray) -> np.ndarray:
 
 
 def principal_angles(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> np.ndarray:
-    r"""Principal angles (degrees, descending) between the column spaces of ``a`` and ``b``.
+    r"""Principal angles (degrees, descending) between the column spaces of `a` and `b`.
 
     With orthonormal bases $Q_a, Q_b$ the cosines of the angles are the singular values of
-    $Q_a^\top Q_b$ (Björck & Golub 1973). Uses ``scipy.linalg.subspace_angles`` when SciPy is
+    $Q_a^\top Q_b$ (Björck & Golub 1973). Uses `scipy.linalg.subspace_angles` when SciPy is
     installed; otherwise the sines are taken from the singular values of
     $(I - Q_a Q_a^\top) Q_b$, which is accurate for small angles (where $\arccos$ is not).
 
     Args:
-        a: ``[D, p]`` matrix.
-        b: ``[D, q]`` matrix.
+        a: `[D, p]` matrix.
+        b: `[D, q]` matrix.
 
     Returns:
-        ``min(p, q)`` angles in degrees, largest first.
+        `min(p, q)` angles in degrees, largest first.
     """
     a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64)
     b = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64)
@@ -314,7 +314,7 @@ class LinearAEResult:
     untied_evaluations: int
     """L-BFGS loss evaluations used by the untied AE."""
     examples: np.ndarray
-    """``[n_examples, 64]`` original images."""
+    """`[n_examples, 64]` original images."""
     pca_recon: np.ndarray
     """Their PCA reconstructions."""
     tied_recon: np.ndarray
@@ -357,7 +357,7 @@ def linear_ae_lesson(
         seed: seed of the random initialisations.
         max_iter: the most L-BFGS iterations per network.
         n_examples: how many reconstructions to keep for the figure.
-        x: data ``[N, D]`` (float64 recommended); default: the scikit-learn digits.
+        x: data `[N, D]` (float64 recommended); default: the scikit-learn digits.
 
     Returns:
         Reconstruction errors, principal angles and example reconstructions.

@@ -65,16 +65,16 @@ __all__ = [
 
 
 def jacobian(net: Any, x: Tensor) -> Tensor:
-    r"""Jacobian $J(x) = \partial \hat x / \partial x$ of ``net.reconstruct`` at one point.
+    r"""Jacobian $J(x) = \partial \hat x / \partial x$ of `net.reconstruct` at one point.
 
-    Computed by reverse-mode autodiff (``torch.func.jacrev``).
+    Computed by reverse-mode autodiff (`torch.func.jacrev`).
 
     Args:
-        net: anything with ``reconstruct(x) -> x_hat`` on flat vectors ``[D]``.
-        x: one input, shape ``[D]``.
+        net: anything with `reconstruct(x) -> x_hat` on flat vectors `[D]`.
+        x: one input, shape `[D]`.
 
     Returns:
-        ``[D, D]`` with ``J[i, j] = d x_hat_i / d x_j``.
+        `[D, D]` with `J[i, j] = d x_hat_i / d x_j`.
     """
     if x.ndim != 1:
         raise ConfigError(f"x: expected one input of shape [D], got {tuple(x.shape)}")
@@ -84,7 +84,7 @@ def jacobian(net: Any, x: Tensor) -> Tensor:
 def relative_identity_error(J: Tensor, basis: Tensor | None = None) -> float:
     r"""$\lVert J - I \rVert_F / \lVert I \rVert_F = \lVert J - I\rVert_F/\sqrt D$, or on a subspace.
 
-    With an orthonormal ``basis`` $V \in \mathbb R^{D\times k}$ the error of $J$ restricted to
+    With an orthonormal `basis` $V \in \mathbb R^{D\times k}$ the error of $J$ restricted to
     its span is $\lVert V^\top (J - I) V \rVert_F / \sqrt k$.
     """
     d = J.shape[-1]
@@ -96,7 +96,7 @@ def relative_identity_error(J: Tensor, basis: Tensor | None = None) -> float:
 
 
 def principal_directions(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors (columns) of the population covariance of ``x``."""
+    """Eigenvalues (descending) and eigenvectors (columns) of the population covariance of `x`."""
     C = torch.cov(x.double().T, correction=0)
     lam, V = torch.linalg.eigh(C)
     return lam.flip(0).clamp_min(0), V.flip(1)
@@ -112,7 +112,7 @@ class AEReport:
     """How much one autoencoder copies its input (errors: mean $\\lVert x-\\hat x\\rVert^2$ per image)."""
 
     name: str
-    """``overcomplete`` or ``denoising``."""
+    """`overcomplete` or `denoising`."""
     test_error: float
     """On the test digits (never seen in training)."""
     train_error: float
@@ -124,11 +124,11 @@ class AEReport:
     jacobian_error_noise: float
     """The same at noise inputs."""
     jacobian_error_data: float
-    """Mean over test points of the error on the principal subspace holding ``variance_kept``."""
+    """Mean over test points of the error on the principal subspace holding `variance_kept`."""
     gains: np.ndarray
     """$v_i^\\top J v_i$ per principal direction $v_i$ of the training data (at the first test point)."""
     jacobian_matrix: np.ndarray
-    """``[64, 64]`` Jacobian at the first test point."""
+    """`[64, 64]` Jacobian at the first test point."""
     test_recon: np.ndarray
     """Reconstructions of the example test images."""
     noise_recon: np.ndarray
@@ -137,7 +137,7 @@ class AEReport:
     """Number of parameters."""
 
     def directions_copied(self, tol: float = 0.05) -> int:
-        """How many principal directions pass with gain within ``tol`` of 1 (copied)."""
+        """How many principal directions pass with gain within `tol` of 1 (copied)."""
         return int((np.abs(self.gains - 1.0) < tol).sum())
 
 
@@ -150,7 +150,7 @@ class OvercompleteResult:
     code_size: int
     """$k > D$."""
     hidden: tuple[int, ...]
-    """Hidden layers of encoder (decoder mirrored); ``()`` = no hidden layer."""
+    """Hidden layers of encoder (decoder mirrored); `()` = no hidden layer."""
     noise: float
     """$\\sigma$ of the denoising autoencoder's input noise."""
     epochs: int
@@ -162,7 +162,7 @@ class OvercompleteResult:
     eigenvalues: np.ndarray
     """Eigenvalues of the training covariance, descending."""
     k_kept: int
-    """Principal directions holding ``variance_kept`` of the variance."""
+    """Principal directions holding `variance_kept` of the variance."""
     variance_kept: float
     """Share of training variance defining the data subspace (0.99)."""
     constant_pixels: int
@@ -178,7 +178,7 @@ class OvercompleteResult:
 
     @property
     def gain_max_deviation(self) -> float:
-        """Largest |trained − closed-form| denoising gain over the top ``k_kept`` directions."""
+        """Largest |trained − closed-form| denoising gain over the top `k_kept` directions."""
         k = self.k_kept
         return float(np.abs(self.denoising.gains[:k] - self.gains_closed_form[:k]).max())
 
@@ -239,15 +239,15 @@ def overcomplete_lesson(
 ) -> OvercompleteResult:
     """Train an over-complete and a denoising autoencoder (same network) and compare how they copy.
 
-    Both are pyrovae autoencoders (``variant = "overcomplete"`` and ``"denoising"``) with a code of
-    ``code_size`` > 64 units and squared-error loss, trained by [`pyrovae.fit`][pyrovae.fit] on the
+    Both are pyrovae autoencoders (`variant = "overcomplete"` and `"denoising"`) with a code of
+    `code_size` > 64 units and squared-error loss, trained by [`pyrovae.fit`][pyrovae.fit] on the
     digits' training split. They are then fed the test digits and images of uniform noise
     $U(0, 1)^{64}$.
 
     Args:
         code_size: code units, must exceed the 64 pixels.
         noise: standard deviation $\\sigma$ of the denoising autoencoder's Gaussian input noise.
-        hidden: hidden layers of the encoder (decoder mirrored); ``()`` = single affine maps.
+        hidden: hidden layers of the encoder (decoder mirrored); `()` = single affine maps.
         epochs: training epochs per network.
         lr: Adam learning rate.
         batch_size: minibatch size.

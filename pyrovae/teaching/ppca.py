@@ -21,9 +21,9 @@ $$\mathrm{ELBO}(q) = \underbrace{-\tfrac D2 \log(2\pi\sigma^2)
  + \underbrace{\tfrac k2 (1 + \log 2\pi) + \tfrac12 \log\lvert S\rvert}_{H[q]} .$$
 
 This makes pPCA the exact test bed for every estimator of $\log p(x)$, of the ELBO and of
-$\mathrm{KL}(q \,\|\, p(z\mid x))$: the model here is a real Pyro program (site ``"z"`` latent,
-site ``"x"`` observed, both inside ``pyro.plate("data", N)``) and the guides are real Pyro
-guides, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``RenyiELBO``, importance sampling or MCMC
+$\mathrm{KL}(q \,\|\, p(z\mid x))$: the model here is a real Pyro program (site `"z"` latent,
+site `"x"` observed, both inside `pyro.plate("data", N)`) and the guides are real Pyro
+guides, so `Trace_ELBO`, `TraceMeanField_ELBO`, `RenyiELBO`, importance sampling or MCMC
 can be run on them and compared with the numbers below. Everything is float64.
 
 References:
@@ -70,7 +70,7 @@ DTYPE = torch.float64
 """All pPCA tensors are float64 so that identities can be checked to 1e-6 and beyond."""
 
 Guide = Callable[[Tensor], None]
-"""A Pyro guide ``guide(x)`` with ``pyro.plate("data", N)`` and a latent site ``"z"``."""
+"""A Pyro guide `guide(x)` with `pyro.plate("data", N)` and a latent site `"z"`."""
 
 
 @dataclass
@@ -80,8 +80,8 @@ class PPCA:
     Tensors are converted to float64 on construction.
 
     Attributes:
-        W: ``[D, k]`` loading matrix.
-        mu: ``[D]`` mean of $x$.
+        W: `[D, k]` loading matrix.
+        mu: `[D]` mean of $x$.
         sigma: observation noise standard deviation $\sigma > 0$.
     """
 
@@ -132,7 +132,7 @@ class PPCA:
         return self.W.shape[1]
 
     def check_x(self, x: Tensor) -> Tensor:
-        """Validate data ``x`` of shape ``[N, D]`` and return it as float64."""
+        """Validate data `x` of shape `[N, D]` and return it as float64."""
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise DataError(f"x: expected a floating-point tensor, got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.D:
@@ -152,7 +152,7 @@ class PPCA:
             return_z: also return the latent codes.
 
         Returns:
-            ``x`` of shape ``[n, D]`` (and ``z`` of shape ``[n, k]`` if ``return_z``).
+            `x` of shape `[n, D]` (and `z` of shape `[n, k]` if `return_z`).
         """
         if n < 1:
             raise ConfigError(f"n: expected >= 1, got {n}")
@@ -167,18 +167,18 @@ class PPCA:
         return MultivariateNormal(self.mu, covariance_matrix=cov)
 
     def log_marginal(self, x: Tensor) -> Tensor:
-        r"""$\log p(x_n) = \log \mathcal N(x_n; \mu, W W^\top + \sigma^2 I)$ per datapoint, ``[N]``."""
+        r"""$\log p(x_n) = \log \mathcal N(x_n; \mu, W W^\top + \sigma^2 I)$ per datapoint, `[N]`."""
         return self.marginal().log_prob(self.check_x(x))
 
     def posterior_precision_factor(self) -> Tensor:
-        r"""$M = W^\top W + \sigma^2 I_k$ (``[k, k]``); the posterior precision is $M/\sigma^2$."""
+        r"""$M = W^\top W + \sigma^2 I_k$ (`[k, k]`); the posterior precision is $M/\sigma^2$."""
         return self.W.T @ self.W + self.sigma**2 * torch.eye(self.k, dtype=DTYPE)
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""Exact posterior $p(z\mid x_n) = \mathcal N(M^{-1} W^\top (x_n - \mu),\, \sigma^2 M^{-1})$.
 
         Returns:
-            ``(mean [N, k], cov [k, k])`` — the covariance does not depend on $x$.
+            `(mean [N, k], cov [k, k])` — the covariance does not depend on $x$.
         """
         x = self.check_x(x)
         m = self.posterior_precision_factor()
@@ -189,8 +189,8 @@ class PPCA:
     def amortized_posterior(self) -> tuple[Tensor, Tensor, Tensor]:
         r"""The exact posterior written as a linear-Gaussian encoder $z \sim \mathcal N(xA + b, LL^\top)$.
 
-        $A = W M^{-1}$ (``[D, k]``), $b = -\mu^\top W M^{-1}$ (``[k]``),
-        $L = \operatorname{chol}(\sigma^2 M^{-1})$ (``[k, k]``).
+        $A = W M^{-1}$ (`[D, k]`), $b = -\mu^\top W M^{-1}$ (`[k]`),
+        $L = \operatorname{chol}(\sigma^2 M^{-1})$ (`[k, k]`).
         """
         m = self.posterior_precision_factor()
         a = torch.linalg.solve(m, self.W.T).T
@@ -202,11 +202,11 @@ class PPCA:
         r"""$\log p(x, z) = \log \mathcal N(x; Wz + \mu, \sigma^2 I) + \log \mathcal N(z; 0, I)$.
 
         Args:
-            x: ``[N, D]`` data.
-            z: ``[..., N, k]`` latent codes (leading sample dimensions broadcast).
+            x: `[N, D]` data.
+            z: `[..., N, k]` latent codes (leading sample dimensions broadcast).
 
         Returns:
-            ``[..., N]``.
+            `[..., N]`.
         """
         x = self.check_x(x)
         lik = dist.Normal(z @ self.W.T + self.mu, self.sigma).to_event(1).log_prob(x)
@@ -214,7 +214,7 @@ class PPCA:
         return lik + prior
 
     def model(self, x: Tensor) -> None:
-        """The Pyro model: sites ``"z"`` (latent) and ``"x"`` (observed) in ``plate("data", N)``.
+        """The Pyro model: sites `"z"` (latent) and `"x"` (observed) in `plate("data", N)`.
 
         ```python
         with pyro.plate("data", N):
@@ -250,7 +250,7 @@ def _lower_cholesky(name: str, scale_tril: Tensor, k: int) -> Tensor:
 def exact_guide(ppca: PPCA) -> Guide:
     r"""Guide $q(z\mid x) = p(z\mid x)$, the exact posterior (a MultivariateNormal).
 
-    With it $\log p(x, z) - \log q(z\mid x) = \log p(x)$ for every $z$, so ``Trace_ELBO`` has
+    With it $\log p(x, z) - \log q(z\mid x) = \log p(x)$ for every $z$, so `Trace_ELBO` has
     zero variance and its loss is exactly $-\sum_n \log p(x_n)$.
     """
 
@@ -267,9 +267,9 @@ def gaussian_guide(A: Tensor, b: Tensor, scale_tril: Tensor) -> Guide:
     The exact pPCA posterior is in this family (see [`PPCA.amortized_posterior`][pyrovae.teaching.ppca.PPCA.amortized_posterior]).
 
     Args:
-        A: ``[D, k]`` encoder matrix.
-        b: ``[k]`` encoder offset.
-        scale_tril: ``[k, k]`` lower-triangular $L$ with positive diagonal.
+        A: `[D, k]` encoder matrix.
+        b: `[k]` encoder offset.
+        scale_tril: `[k, k]` lower-triangular $L$ with positive diagonal.
     """
     A = torch.as_tensor(A, dtype=DTYPE)
     b = torch.as_tensor(b, dtype=DTYPE)
@@ -295,13 +295,13 @@ def diagonal_guide(
 ) -> Guide:
     r"""Mean-field guide $q(z\mid x) = \prod_j \mathcal N(z_j; \mathrm{loc}_j(x), s_j^2)$.
 
-    The location is either linear, $\mathrm{loc}(x) = xA + b$, or any ``loc_fn(x) -> [N, k]``.
+    The location is either linear, $\mathrm{loc}(x) = xA + b$, or any `loc_fn(x) -> [N, k]`.
 
     Args:
-        scale: ``[k]`` (or ``[N, k]``) positive standard deviations $s$.
-        A: ``[D, k]`` encoder matrix (with ``b``).
-        b: ``[k]`` encoder offset (with ``A``).
-        loc_fn: alternative to ``A, b``.
+        scale: `[k]` (or `[N, k]`) positive standard deviations $s$.
+        A: `[D, k]` encoder matrix (with `b`).
+        b: `[k]` encoder offset (with `A`).
+        loc_fn: alternative to `A, b`.
     """
     scale = torch.as_tensor(scale, dtype=DTYPE)
     if scale.ndim < 1 or not (scale > 0).all():
@@ -330,8 +330,8 @@ def fixed_gaussian_guide(q_mean: Tensor, q_cov: Tensor) -> Guide:
     r"""Guide with a given Gaussian per datapoint, $q(z \mid x_n) = \mathcal N(m_n, S_n)$.
 
     Args:
-        q_mean: ``[N, k]`` means $m_n$ (the guide must be called with the matching ``N``).
-        q_cov: ``[k, k]`` or ``[N, k, k]`` positive-definite covariances $S_n$.
+        q_mean: `[N, k]` means $m_n$ (the guide must be called with the matching `N`).
+        q_cov: `[k, k]` or `[N, k, k]` positive-definite covariances $S_n$.
     """
     q_mean = torch.as_tensor(q_mean, dtype=DTYPE)
     L = torch.linalg.cholesky(torch.as_tensor(q_cov, dtype=DTYPE))
@@ -351,12 +351,12 @@ def perturbed_posterior(
 
     Args:
         ppca: the model.
-        x: ``[N, D]`` data.
-        shift: $\delta$, a scalar or ``[k]``/``[N, k]`` tensor added to the exact mean.
+        x: `[N, D]` data.
+        shift: $\delta$, a scalar or `[k]`/`[N, k]` tensor added to the exact mean.
         scale_factor: $c > 0$, multiplies the exact posterior standard deviations.
 
     Returns:
-        ``(mean [N, k], cov [k, k])``.
+        `(mean [N, k], cov [k, k])`.
     """
     if not scale_factor > 0:
         raise ConfigError(f"scale_factor: expected > 0, got {scale_factor}")
@@ -396,17 +396,17 @@ def learnable_gaussian_guide(
 ) -> Guide:
     r"""Linear-Gaussian amortized guide $\mathcal N(xA + b, LL^\top)$ with Pyro params, for SVI.
 
-    Registers ``pyro.param(f"{prefix}_A")`` (``[D, k]``), ``f"{prefix}_b"`` (``[k]``) and
-    ``f"{prefix}_scale_tril"`` (``[k, k]``, constraint ``lower_cholesky``). The defaults
+    Registers `pyro.param(f"{prefix}_A")` (`[D, k]`), `f"{prefix}_b"` (`[k]`) and
+    `f"{prefix}_scale_tril"` (`[k, k]`, constraint `lower_cholesky`). The defaults
     $A = 0$, $b = 0$, $L = I$ start the guide at the prior $\mathcal N(0, I)$.
 
     Args:
         D: data dimension.
         k: latent dimension.
         prefix: name prefix of the params.
-        init_A: initial ``A``.
-        init_b: initial ``b``.
-        init_scale_tril: initial ``L``.
+        init_A: initial `A`.
+        init_b: initial `b`.
+        init_scale_tril: initial `L`.
     """
     a0 = torch.zeros(D, k, dtype=DTYPE) if init_A is None else torch.as_tensor(init_A, dtype=DTYPE)
     b0 = torch.zeros(k, dtype=DTYPE) if init_b is None else torch.as_tensor(init_b, dtype=DTYPE)
@@ -443,17 +443,17 @@ def _q_dist(q_mean: Tensor, q_cov: Tensor, k: int) -> MultivariateNormal:
 
 
 def exact_kl_to_posterior(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> Tensor:
-    r"""$\mathrm{KL}(q(z\mid x_n)\,\|\,p(z\mid x_n))$ per datapoint, in closed form (``[N]``).
+    r"""$\mathrm{KL}(q(z\mid x_n)\,\|\,p(z\mid x_n))$ per datapoint, in closed form (`[N]`).
 
     $\mathrm{KL}(\mathcal N(m, S)\|\mathcal N(m', S')) = \tfrac12\big[\operatorname{tr}(S'^{-1}S)
     + (m'-m)^\top S'^{-1}(m'-m) - k + \log\frac{|S'|}{|S|}\big]$, computed by
-    ``torch.distributions.kl_divergence``.
+    `torch.distributions.kl_divergence`.
 
     Args:
-        q_mean: ``[N, k]`` means of $q$.
-        q_cov: ``[k, k]`` or ``[N, k, k]`` covariances of $q$.
+        q_mean: `[N, k]` means of $q$.
+        q_cov: `[k, k]` or `[N, k, k]` covariances of $q$.
         ppca: the model.
-        x: ``[N, D]`` data.
+        x: `[N, D]` data.
     """
     q = _q_dist(q_mean, q_cov, ppca.k)
     mean, cov = ppca.posterior(x)
@@ -462,7 +462,7 @@ def exact_kl_to_posterior(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) 
 
 @dataclass(frozen=True)
 class ELBOTerms:
-    r"""The pieces of the ELBO of a Gaussian $q$, per datapoint (each ``[N]``, nats)."""
+    r"""The pieces of the ELBO of a Gaussian $q$, per datapoint (each `[N]`, nats)."""
 
     expected_loglik: Tensor
     r"""$\mathbb E_q[\log p(x\mid z)]$ (the negative reconstruction error)."""
@@ -489,13 +489,13 @@ def elbo_terms(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> ELBOTerm
     * $\mathbb E_q[\log p(x\mid z)] = -\frac D2\log(2\pi\sigma^2)
       - \frac{1}{2\sigma^2}\big(\lVert x - \mu - Wm\rVert^2 + \operatorname{tr}(W^\top W S)\big)$
     * $\mathbb E_q[\log p(z)] = -\frac k2 \log 2\pi - \frac12(\lVert m\rVert^2 + \operatorname{tr} S)$
-    * $H[q] = \frac k2(1 + \log 2\pi) + \frac12\log|S|$ (``MultivariateNormal.entropy``)
+    * $H[q] = \frac k2(1 + \log 2\pi) + \frac12\log|S|$ (`MultivariateNormal.entropy`)
 
     Args:
-        q_mean: ``[N, k]`` means of $q$.
-        q_cov: ``[k, k]`` or ``[N, k, k]`` covariances of $q$.
+        q_mean: `[N, k]` means of $q$.
+        q_cov: `[k, k]` or `[N, k, k]` covariances of $q$.
         ppca: the model.
-        x: ``[N, D]`` data.
+        x: `[N, D]` data.
     """
     x = ppca.check_x(x)
     q = _q_dist(q_mean, q_cov, ppca.k)
@@ -516,15 +516,15 @@ def elbo_terms(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> ELBOTerm
 
 
 def elbo_closed_form(q_mean: Tensor, q_cov: Tensor, ppca: PPCA, x: Tensor) -> Tensor:
-    r"""Analytic $\mathrm{ELBO}(q) = \mathbb E_q[\log p(x\mid z)] + \mathbb E_q[\log p(z)] + H[q]$, ``[N]``.
+    r"""Analytic $\mathrm{ELBO}(q) = \mathbb E_q[\log p(x\mid z)] + \mathbb E_q[\log p(z)] + H[q]$, `[N]`.
 
     See [`elbo_terms`][pyrovae.teaching.ppca.elbo_terms]. For every Gaussian $q$:
     $\log p(x) = \mathrm{ELBO}(q) + \mathrm{KL}(q\|p(z\mid x))$.
 
     Args:
-        q_mean: ``[N, k]`` means of $q$.
-        q_cov: ``[k, k]`` or ``[N, k, k]`` covariances of $q$.
+        q_mean: `[N, k]` means of $q$.
+        q_cov: `[k, k]` or `[N, k, k]` covariances of $q$.
         ppca: the model.
-        x: ``[N, D]`` data.
+        x: `[N, D]` data.
     """
     return elbo_terms(q_mean, q_cov, ppca, x).elbo

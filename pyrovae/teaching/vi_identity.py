@@ -66,12 +66,12 @@ def random_gaussian_q(
     r"""A random Gaussian $q(z\mid x_n) = \mathcal N(m_n, S_n)$ per datapoint.
 
     $m_n = m^{\text{exact}}_n + \varepsilon_n$ with $\varepsilon_n \sim \mathcal N(0, s^2 I)$,
-    $s = $ ``spread`` $\times\, e^{u}$, $u \sim \mathcal N(0, 1)$; $S_n = L_n L_n^\top$ with
+    $s$ = `spread` $\times\, e^{u}$, $u \sim \mathcal N(0, 1)$; $S_n = L_n L_n^\top$ with
     $L_n$ lower-triangular, off-diagonal $\mathcal N(0, 0.3^2)$ and diagonal
     $e^{v}\sqrt{\operatorname{diag}\Sigma^{\text{exact}}}$, $v \sim \mathcal N(0, 0.5^2)$.
 
     Returns:
-        ``(mean [N, k], cov [N, k, k])``.
+        `(mean [N, k], cov [N, k, k])`.
     """
     post_mean, post_cov = ppca.posterior(x)
     n, k = post_mean.shape
@@ -102,11 +102,11 @@ class IdentityCheck:
 
 
 def identity_check(ppca: PPCA, x: Tensor, n_q: int = 100, seed: int = 0) -> IdentityCheck:
-    """Check the VI identity for ``n_q`` random Gaussian $q$ in float64.
+    """Check the VI identity for `n_q` random Gaussian $q$ in float64.
 
     Args:
         ppca: the model.
-        x: ``[N, D]`` data.
+        x: `[N, D]` data.
         n_q: number of random q (see [`random_gaussian_q`][pyrovae.teaching.vi_identity.random_gaussian_q]).
         seed: seed of a private generator.
     """
@@ -141,15 +141,15 @@ def mc_elbo(
     repeats: int = 20,
     seed: int = 0,
 ) -> tuple[float, float]:
-    r"""Monte Carlo ELBO per datapoint from Pyro's ``Trace_ELBO``, with its standard error.
+    r"""Monte Carlo ELBO per datapoint from Pyro's `Trace_ELBO`, with its standard error.
 
-    ``Trace_ELBO(num_particles=P).loss(model, guide, x)`` estimates
+    `Trace_ELBO(num_particles=P).loss(model, guide, x)` estimates
     $-\sum_n \mathrm{ELBO}_n$; dividing by $N$ gives nats per datapoint. The estimate is
-    repeated ``repeats`` times (independent draws) to get a standard error. The global torch RNG
+    repeated `repeats` times (independent draws) to get a standard error. The global torch RNG
     is forked, so the caller's random state is unchanged.
 
     Returns:
-        ``(mean ELBO per datapoint, standard error)``.
+        `(mean ELBO per datapoint, standard error)`.
     """
     if num_particles < 1 or repeats < 2:
         raise ConfigError(
@@ -165,7 +165,7 @@ def mc_elbo(
 
 @dataclass(frozen=True)
 class MCCheck:
-    """Pyro ``Trace_ELBO`` (Monte Carlo) vs the closed-form ELBO, for several q."""
+    """Pyro `Trace_ELBO` (Monte Carlo) vs the closed-form ELBO, for several q."""
 
     closed_form: np.ndarray
     """Closed-form mean ELBO per datapoint, one per q."""
@@ -203,12 +203,12 @@ def exact_guide_trace_elbo_gap(ppca: PPCA, x: Tensor) -> float:
 class SVIRun:
     """Per-step trace of SVI on the linear-Gaussian amortized guide (nats per datapoint).
 
-    Entry ``t`` of each per-step array is evaluated at the parameters that step ``t`` used
+    Entry `t` of each per-step array is evaluated at the parameters that step `t` used
     (before its update), so the Monte Carlo and closed-form values are comparable.
     """
 
     elbo_mc: np.ndarray
-    """``-loss / N`` returned by ``svi.step`` (a Monte Carlo ELBO estimate)."""
+    """`-loss / N` returned by `svi.step` (a Monte Carlo ELBO estimate)."""
     elbo_exact: np.ndarray
     """Closed-form mean ELBO of the guide at each step."""
     kl_exact: np.ndarray
@@ -236,14 +236,14 @@ def optimize_linear_guide(
 ) -> SVIRun:
     r"""Maximise the ELBO over $(A, b, L)$ of $q(z\mid x) = \mathcal N(xA + b, LL^\top)$ with Pyro SVI.
 
-    ``SVI(model, learnable_gaussian_guide, ClippedAdam, Trace_ELBO)`` in float64, starting at
-    $q = p(z)$; the learning rate decays geometrically to 1% of ``lr`` by the last step, which
+    `SVI(model, learnable_gaussian_guide, ClippedAdam, Trace_ELBO)` in float64, starting at
+    $q = p(z)$; the learning rate decays geometrically to 1% of `lr` by the last step, which
     damps the Monte Carlo noise at the end. Runs in a fresh param-store scope and a forked RNG,
     so the caller's params and random state are untouched.
 
     Args:
         ppca: the model.
-        x: ``[N, D]`` data.
+        x: `[N, D]` data.
         steps: SVI steps (full batch).
         lr: initial learning rate.
         num_particles: vectorized particles per step.
@@ -374,7 +374,7 @@ def vi_identity_lesson(
 def plot_vi_identity(result: VIIdentityResult, path: str | Path) -> Path:
     r"""Figure of lesson 6: SVI drives $\mathrm{KL}(q\|p(z\mid x)) \to 0$ and the ELBO $\to \log p(x)$.
 
-    Left: mean ELBO per datapoint (Monte Carlo from ``svi.step`` and closed form) against the
+    Left: mean ELBO per datapoint (Monte Carlo from `svi.step` and closed form) against the
     constant $\log p(x)$. Right: mean exact KL on a log scale; at every step
     $\mathrm{ELBO} + \mathrm{KL} = \log p(x)$.
 

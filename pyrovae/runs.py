@@ -1,4 +1,15 @@
-"""Atomic, code-free persistence of runs.
+"""Run folders: their layout, atomic code-free persistence, and loading a run back.
+
+A run folder:
+
+```text
+config.toml      the resolved, validated config
+checkpoint.pt    model + optimizer + RNG state (`Trainer.state_dict()` plus the run's kind,
+                 config and data shape), written atomically every epoch and on SIGINT/SIGTERM
+metrics.json     per-epoch train/val ELBO (nats per datapoint), epoch seconds; final test metrics
+figures/         reconstructions, samples, latent scatter, loss curves
+```
+
 
 * Every file is written to a temporary file in the same folder, flushed, fsync'ed and renamed
   over the target (then the folder is fsync'ed), so a crash at any moment leaves either the old
@@ -21,14 +32,27 @@ import pickle
 import re
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pyrovae.errors import CheckpointError
+from pyrovae.autoencoder import AutoEncoder
+from pyrovae.build import build_model, check_data_for_model
+from pyrovae.config import Config, load_config
+from pyrovae.data import Dataset, load_data
+from pyrovae.errors import CheckpointError, ConfigError, PyroVAEError
+from pyrovae.model import VAE
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.toml"
+METRICS = "metrics.json"
+#: what the numbers in metrics.json are
+UNITS = (
+    "nats per datapoint; *_elbo are ELBO estimates (1 sample per datapoint), higher is better; "
+    "*_loss (AE) are reconstruction losses, lower is better"
+)
 FORMAT_VERSION = 1
 
 #: largest number of values per datapoint a checkpoint may declare (guards against absurd
@@ -214,7 +238,7 @@ _ENTRIES: dict[str, tuple[Any, str]] = {
 def check_state(state: dict[str, Any], path: Path) -> None:
     """Raise :class:`CheckpointError` unless ``state`` has every entry, of the right type.
 
-    Also refuses non-finite parameters: pyrovae never writes them (see ``Trainer.save``), so a
+    Also refuses non-finite parameters: pyrovae never writes them (see `save_run_checkpoint`), so a
     checkpoint holding NaN/inf was damaged or made elsewhere.
     """
     missing = [k for k in _ENTRIES if k not in state]
@@ -239,3 +263,106 @@ def check_state(state: dict[str, Any], path: Path) -> None:
                 f"{path}: parameter {name!r} holds NaN/inf values; expected finite numbers "
                 "(pyrovae never writes such a checkpoint: the file was damaged or made elsewhere)"
             )
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass
+class Run:
+    """A trained (or loaded) run: its folder, config, network and metrics."""
+
+    dir: Path
+    config: Config
+    model: VAE | AutoEncoder
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: Dataset | None = None
+    interrupted: bool = False
+
+
+def save_run_checkpoint(
+    folder: Path, config: Config, data_shape: tuple[int, ...], trainer_state: dict[str, Any]
+) -> Path:
+    """Write `folder/checkpoint.pt`: the trainer's state plus what rebuilds the model.
+
+    Refuses (`TrainingError`) to write non-finite parameters, so the last checkpoint is always
+    one to resume from.
+    """
+    from pyrovae.errors import TrainingError
+
+    if not all(bool(torch.isfinite(t).all()) for t in trainer_state["model"].values()):
+        raise TrainingError("refusing to write a checkpoint with non-finite parameters")
+    path = Path(folder) / CHECKPOINT
+    save_checkpoint(
+        path,
+        {
+            "kind": config.model.kind,
+            "config": config.to_dict(),
+            "data_shape": list(data_shape),
+            **trainer_state,
+        },
+    )
+    return path
+
+
+def first_lines(e: BaseException, n: int = 2, limit: int = 300) -> str:
+    """The first `n` non-empty lines of an exception's message, on one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:n]
+    return (" ".join(lines) or type(e).__name__)[:limit]
+
+
+def stored_config(state: dict[str, Any], path: Path) -> Config:
+    """The config a checkpoint holds, validated; `CheckpointError` naming `path` if not."""
+    try:
+        cfg = load_config(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(
+            f"{path}: the config stored in the checkpoint is invalid: {e}"
+        ) from None
+    if cfg.model.kind != state["kind"]:
+        raise CheckpointError(
+            f"{path}: entry 'kind' is {state['kind']!r} but the stored config says "
+            f"model.kind = {cfg.model.kind!r}; expected the same"
+        )
+    return cfg
+
+
+def load_run(run_dir: str | Path, data: bool = False) -> Run:
+    """Load a run folder (checkpoint read with `weights_only=True`: no code is executed).
+
+    With `data=True` the dataset of the stored config is loaded too and checked against the
+    model (point shape, likelihood support). Every problem is a `CheckpointError` or a
+    `DataError` naming the file.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"run folder not found: {d}")
+    path = d / CHECKPOINT
+    state = load_checkpoint(path)
+    cfg = stored_config(state, path)
+    shape = tuple(state["data_shape"])
+    try:
+        model = build_model(cfg, shape)
+    except PyroVAEError as e:
+        raise CheckpointError(
+            f"{path}: the stored config cannot build a model for data of shape {shape}: {e}"
+        ) from None
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: parameters do not match the stored config: {first_lines(e)}"
+        ) from None
+    model.eval()
+    metrics: dict[str, Any] = {}
+    if (d / METRICS).is_file():
+        try:
+            metrics = json.loads((d / METRICS).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{d / METRICS}: not valid JSON ({e})") from None
+    ds = None
+    if data:
+        ds = load_data(cfg.data, seed=cfg.train.seed)
+        check_data_for_model(model, ds, f"data.dataset={cfg.data.dataset!r} (the run {d})")
+    return Run(
+        dir=d, config=cfg, model=model, history=list(state["history"]), metrics=metrics, data=ds
+    )

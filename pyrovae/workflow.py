@@ -1,0 +1,264 @@
+"""What the commands do: `fit` a run folder, `evaluate_run` it, `compare` a VAE with the AE.
+
+The only module that brings together the trainer (`pyrovae.train`), the run folder
+(`pyrovae.runs`), the estimators (`pyrovae.evaluate`) and the figures (`pyrovae.plots`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from pyrovae import evaluate, plots
+from pyrovae.build import build_model, check_data_for_model, resolve_device
+from pyrovae.config import Config, load_config
+from pyrovae.data import Dataset, load_data
+from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from pyrovae.model import VAE
+from pyrovae.runs import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    UNITS,
+    Run,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_run_checkpoint,
+    stored_config,
+)
+from pyrovae.train import Callback, Trainer
+
+
+class RunWriter(Callback):
+    """Writes the checkpoint and `metrics.json` of a run folder after every epoch."""
+
+    def __init__(self, folder: Path, config: Config, data_shape: tuple[int, ...]) -> None:
+        self.folder, self.config, self.data_shape = folder, config, data_shape
+
+    def save(self, trainer: Trainer) -> None:
+        save_run_checkpoint(self.folder, self.config, self.data_shape, trainer.state_dict())
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        self.save(trainer)
+        atomic_write_json(self.folder / METRICS, {"history": trainer.history, "units": UNITS})
+
+
+def _first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder `path.mkdir(parents=True)` would create (None if `path` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
+
+
+def _resumed_config(config, out: Path) -> tuple[Config, dict[str, Any] | None]:
+    """The stored config of the run in `out` (with `train.epochs` from `config` if given)
+    and its checkpoint state (None if killed before the first checkpoint)."""
+    ckpt, state = out / CHECKPOINT, None
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        stored = stored_config(state, ckpt)
+    elif (out / CONFIG).is_file():  # killed before the first checkpoint: start over
+        stored = load_config(out / CONFIG)
+    else:
+        raise CheckpointError(
+            f"--resume: {out} holds no {CHECKPOINT} (nor {CONFIG}) to continue; expected a "
+            "run folder written by `pyrovae fit`. Start a new run with a CONFIG instead"
+        )
+    if config is not None:
+        new = load_config(config)
+        same = {"train": {"epochs"}}
+        if new.model_dump(exclude=same) != stored.model_dump(exclude=same):
+            raise ConfigError(
+                f"--resume: the config differs from the one stored in {out / CONFIG} "
+                "(only train.epochs may change)"
+            )
+        if state is not None and new.train.epochs < state["epoch"]:
+            raise ConfigError(
+                f"--resume: train.epochs must be at least the {state['epoch']} epochs already "
+                f"completed in {ckpt}; got {new.train.epochs}"
+            )
+        stored.train.epochs = new.train.epochs
+    return stored, state
+
+
+def fit(
+    config: Config | dict | str | Path | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool | None = None,
+    data: Dataset | None = None,
+    figures: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> Run:
+    """Train the model a config describes and write the run folder `out_dir`.
+
+    Everything the user can get wrong (config, data files, data support, shapes) is checked
+    before `out_dir` is created, so a bad input leaves no folder behind (nor any parent folder
+    created for it). With `resume=True` the run continues from `out_dir/checkpoint.pt` (the
+    stored config is used; its `train.epochs` may be raised by the given config); if the run
+    was killed before its first checkpoint, it starts over from `out_dir/config.toml`.
+    Temporary files a killed process left in `out_dir` are removed. `callbacks` are passed to
+    the `Trainer` (after the one that writes the checkpoint every epoch).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: expected a run folder, got an existing file")
+    ckpt = out / CHECKPOINT
+    state = None
+    if resume:
+        cfg, state = _resumed_config(config, out)
+    else:
+        cfg = load_config(config)
+        if ckpt.exists():
+            raise ConfigError(
+                f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                "choose another --out"
+            )
+    pyro.set_rng_seed(cfg.train.seed)
+    data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
+    if state is not None and tuple(state["data_shape"]) != tuple(data.shape):
+        raise DataError(
+            f"--resume: data.dataset={cfg.data.dataset!r}: expected data points of shape "
+            f"{tuple(state['data_shape'])}, as the model in {ckpt} was trained on; got shape "
+            f"{tuple(data.shape)}. Did the data file change since? Restore it or start a new run."
+        )
+    model = build_model(cfg, data.shape)
+    check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
+    device = resolve_device(cfg.train.device)
+
+    created = _first_missing_ancestor(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    writer = RunWriter(out, cfg, tuple(data.shape))
+    trainer = Trainer(
+        model,
+        cfg.train,
+        data.x_train,
+        data.x_val,
+        dynamic_binarize=data.binarize == "dynamic",
+        device=device,
+        callbacks=[writer, *callbacks],
+        progress=progress,
+    )
+    try:
+        if state is not None:
+            try:
+                trainer.load_state_dict(state)
+            except ValueError as e:
+                raise CheckpointError(f"{ckpt}: {e}") from None
+        else:
+            atomic_write_bytes(out / CONFIG, cfg.to_toml().encode())
+        finished = trainer.train()
+        if not finished:
+            writer.save(trainer)
+    except TrainingError as e:
+        last = f" The last good checkpoint is {ckpt}." if ckpt.exists() else ""
+        raise TrainingError(f"{e}{last}") from None
+    except BaseException:
+        if created is not None and not ckpt.exists():
+            shutil.rmtree(created, ignore_errors=True)  # nothing resumable was written
+        raise
+    run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
+    if finished:
+        run.metrics = final_metrics(run)
+        atomic_write_json(out / METRICS, run.metrics)
+        if figures:
+            plots.run_figures(run, out / "figures")
+    return run
+
+
+def final_metrics(run: Run) -> dict[str, Any]:
+    """Test-set metrics (nats per datapoint for ELBOs) plus the per-epoch history."""
+    model, data = run.model, run.data
+    device = next(model.parameters()).device
+    x_test = data.x_test.to(device)
+    out: dict[str, Any] = {"history": run.history, "units": UNITS, "kind": run.config.model.kind}
+    with evaluate.evaluation_mode(model):
+        out["test_reconstruction_error"] = float(
+            evaluate.reconstruction_error(model, x_test).mean()
+        )
+        out["num_parameters"] = sum(p.numel() for p in model.parameters())
+        out["train_seconds"] = sum(h["epoch_seconds"] for h in run.history)
+        out["test_points"] = int(x_test.shape[0])
+        out["binarize"] = run.config.data.binarize
+        if isinstance(model, VAE):
+            out["test_elbo"] = float(
+                evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean()
+            )
+        else:
+            out["test_elbo"] = None
+            with torch.no_grad():
+                losses = [float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)]
+            out["test_loss"] = sum(losses) / len(x_test)
+    return out
+
+
+def evaluate_run(
+    run: Run, iwae_samples: int | None = None, batch_size: int | None = None
+) -> dict[str, Any]:
+    """Test-split metrics of a run (`final_metrics`), plus `log_likelihood` (IWAE,
+    `iwae_samples` = K) with its standard error when asked.
+
+    All values are nats per datapoint. `run` must be loaded with its data
+    (`load_run(dir, data=True)`). For an autoencoder run the log-likelihood is `None` with
+    the reason in `log_likelihood_note`.
+    """
+    from pyrovae.errors import PyroVAEError
+
+    if run.data is None:
+        raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
+    if iwae_samples is not None and iwae_samples < 1:
+        raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
+    m = final_metrics(run)
+    m.pop("history", None)
+    if iwae_samples is None:
+        return m
+    m.update(log_likelihood_samples=iwae_samples, log_likelihood_split="test")
+    model = run.model
+    if not isinstance(model, VAE):
+        m.update(log_likelihood=None, log_likelihood_se=None)
+        m["log_likelihood_note"] = (
+            "not defined for an autoencoder: it has no prior p(z) and no q(z|x)"
+        )
+        return m
+    device = next(model.parameters()).device
+    with evaluate.evaluation_mode(model):
+        ll = evaluate.log_likelihood(
+            model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
+        )
+    mean, se = evaluate.mean_and_se(ll)
+    m.update(log_likelihood=mean, log_likelihood_se=se)
+    m["log_likelihood_note"] = (
+        f"importance-sampled log p(x) (IWAE bound, K={iwae_samples}, proposal q(z|x)) on the "
+        f"test split, binarize={run.config.data.binarize!r}; nats per datapoint, higher is "
+        "better; negative log-likelihood (NLL) = -log_likelihood"
+    )
+    return m
+
+
+def compare(
+    config: Config | dict | str | Path, out_dir: str | Path, progress: bool | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Train the config's VAE and its autoencoder baseline (same networks) into
+    `out_dir/vae` and `out_dir/ae`; return `(name, test metrics)` rows."""
+    import sys
+
+    cfg, out = load_config(config), Path(out_dir)
+    rows = []
+    for kind, name in (("vae", "VAE"), ("ae", f"AE ({cfg.model.variant})")):
+        c = cfg.model_copy(deep=True)
+        c.model.kind = kind
+        print(f"== training {name}", file=sys.stderr)
+        rows.append((name, fit(c, out / kind, progress=progress).metrics))
+    return rows
