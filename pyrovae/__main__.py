@@ -1,4 +1,4 @@
-"""``python -m pyrovae`` is the ``pyrovae`` command."""
+"""`python -m pyrovae` is the `pyrovae` command."""
 
 import sys
 

@@ -1,9 +1,9 @@
-"""Command-line interface: ``pyrovae fit | evaluate | sample | compare``.
+"""Command-line interface: `pyrovae fit | evaluate | sample | compare`.
 
 User errors (bad config, bad data, missing files, unsafe checkpoints) print one line starting
-with ``pyrovae: error:`` and exit with status 2; no traceback. Errors of the file system
+with `pyrovae: error:` and exit with status 2; no traceback. Errors of the file system
 (permission denied, disk full) print one line and exit with status 1. Ctrl-C (SIGINT) or SIGTERM
-during ``fit`` writes a checkpoint and exits with status 130; ``--resume`` continues.
+during `fit` writes a checkpoint and exits with status 130; `--resume` continues.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""``pyrovae diagnose RUN_DIR``: posterior diagnostics of a trained run (registered on import).
+"""`pyrovae diagnose RUN_DIR`: posterior diagnostics of a trained run (registered on import).
 
-Prints a plain-text summary (or JSON with ``--json``) and writes a self-contained HTML report
-with ``--report``. See :mod:`pyrovae.diagnostics` for what each number means.
+Prints a plain-text summary (or JSON with `--json`) and writes a self-contained HTML report
+with `--report`. See `pyrovae.diagnostics` for what each number means.
 """
 
 from __future__ import annotations

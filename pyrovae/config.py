@@ -1,9 +1,9 @@
-"""The run configuration: ``[data]``, ``[model]``, ``[train]`` — validated on load.
+"""The run configuration: `[data]`, `[model]`, `[train]` — validated on load.
 
 A config is data (TOML or a dict), never code. Unknown keys and kinds are rejected with the
 dotted name of the key and the allowed values; every value can be overridden with
-``--set section.key=value`` (the value is parsed as TOML, e.g. ``train.epochs=5``,
-``model.prior={kind="mixture", components=10}``).
+`--set section.key=value` (the value is parsed as TOML, e.g. `train.epochs=5`,
+`model.prior={kind="mixture", components=10}`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """``[model]``: what p(x|z)p(z) and q(z|x) are (or the deterministic autoencoder)."""
+    """`[model]`: what p(x|z)p(z) and q(z|x) are (or the deterministic autoencoder)."""
 
     kind: Literal["vae", "ae"] = "vae"
     latent_dim: int = Field(2, ge=1)
@@ -45,12 +45,12 @@ class ModelConfig(_Section):
     guide: GuideSpec = GUIDES["normal"].Spec()
     #: autoencoder only: deep | linear (no hidden layers) | overcomplete (latent_dim > D) | denoising
     variant: Literal["deep", "linear", "overcomplete", "denoising"] = "deep"
-    #: autoencoder ``denoising`` variant: std of the Gaussian noise added to inputs while training
+    #: autoencoder `denoising` variant: std of the Gaussian noise added to inputs while training
     noise: float = Field(0.3, ge=0)
 
 
 class TrainConfig(_Section):
-    """``[train]``: the objective and the optimizer loop."""
+    """`[train]`: the objective and the optimizer loop."""
 
     objective: Literal["trace_elbo", "mean_field", "trace_enum", "iwae"] = "trace_elbo"
     num_particles: int = Field(1, ge=1)
@@ -61,7 +61,7 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     #: learning-rate schedule, a function of the epoch e = 0, 1, ... only (so resuming and
     #: chunked training see the same rates): lr_e = max(lr_min, lr * lr_decay**e), i.e.
-    #: ``torch.optim.lr_scheduler.ExponentialLR(gamma=lr_decay)`` with a floor. 1.0: constant
+    #: `torch.optim.lr_scheduler.ExponentialLR(gamma=lr_decay)` with a floor. 1.0: constant
     lr_decay: float = Field(1.0, gt=0, le=1)
     lr_min: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # pyro.set_rng_seed's range
@@ -107,7 +107,7 @@ _BLOCKS = ("prior", "likelihood", "encoder", "decoder", "guide")
 
 
 def _clean_loc(loc: tuple) -> tuple:
-    """Drop the union tag pydantic inserts (``model.prior.mixture.components`` -> ``model.prior.components``)."""
+    """Drop the union tag pydantic inserts (`model.prior.mixture.components` -> `model.prior.components`)."""
     out: list = []
     for part in loc:
         if (
@@ -189,7 +189,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides to a raw (unvalidated) config dict."""
+    """Apply `section.key=value` overrides to a raw (unvalidated) config dict."""
     raw = _deepcopy(raw)
     for item in overrides:
         path, value = _parse_override(item)
@@ -232,9 +232,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def load_config(
     source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Load and validate a config from a TOML path, a dict, or defaults (``None``).
+    """Load and validate a config from a TOML path, a dict, or defaults (`None`).
 
-    Raises :class:`~pyrovae.errors.ConfigError` naming each bad key (dotted) and the problem.
+    Raises `ConfigError` naming each bad key (dotted) and the problem.
     """
     if isinstance(source, Config):
         raw = source.to_dict()
@@ -285,7 +285,7 @@ def _drop_retired_keys(raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _leaves(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted.key, value)`` for every non-table value of a nested dict (lists flattened)."""
+    """`(dotted.key, value)` for every non-table value of a nested dict (lists flattened)."""
     if isinstance(d, dict):
         return [kv for k, v in d.items() for kv in _leaves(v, f"{prefix}{k}.")]
     if isinstance(d, list):

@@ -1,16 +1,16 @@
-r"""Per-datapoint estimators for any Pyro ``(model, guide)`` pair.
+r"""Per-datapoint estimators for any Pyro `(model, guide)` pair.
 
-The pair must put its per-datapoint sites inside ``pyro.plate("data", ...)`` and be called on the
-whole batch ``x`` (no subsampling). Values are in **nats per datapoint**.
+The pair must put its per-datapoint sites inside `pyro.plate("data", ...)` and be called on the
+whole batch `x` (no subsampling). Values are in **nats per datapoint**.
 
-* :func:`log_weights` — $\log w_k(x) = \log p(x, z_k) - \log q(z_k \mid x)$, $z_k \sim q(z \mid x)$;
-* :func:`elbo` — $\frac1K \sum_k \log w_k$, unbiased for
+* `log_weights` — $\log w_k(x) = \log p(x, z_k) - \log q(z_k \mid x)$, $z_k \sim q(z \mid x)$;
+* `elbo` — $\frac1K \sum_k \log w_k$, unbiased for
   $\mathrm{ELBO}(x) = E_q[\log p(x, z) - \log q(z \mid x)] \le \log p(x)$;
-* :func:`log_likelihood` — the importance-sampled (IWAE) bound
+* `log_likelihood` — the importance-sampled (IWAE) bound
   $\log \frac1K \sum_{k=1}^K w_k \le \log p(x)$ in expectation, which increases with $K$ and
   converges to $\log p(x)$ (Burda et al., "Importance Weighted Autoencoders", ICLR 2016);
 
-Particles are vectorized with an extra ``pyro.plate`` left of the model's plates, so one model
+Particles are vectorized with an extra `pyro.plate` left of the model's plates, so one model
 call scores a whole chunk of $K \times B$ latent draws.
 """
 
@@ -27,9 +27,9 @@ from pyro.infer.util import is_validation_enabled
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "_num_particles"
-#: default bound on particles x datapoints scored in one model call by :func:`log_likelihood`
+#: default bound on particles x datapoints scored in one model call by `log_likelihood`
 MAX_ROWS = 1 << 14
-#: fewest datapoints per chunk in :func:`log_likelihood` when ``batch_size`` is not given
+#: fewest datapoints per chunk in `log_likelihood` when `batch_size` is not given
 MIN_POINTS = 32
 
 
@@ -44,7 +44,7 @@ def site_log_prob(site: dict, data_dim: int, particle_dim: int | None) -> torch.
 
 
 def data_plate_dim(site: dict) -> int:
-    """The (negative) dim of the site's ``pyro.plate("data")``; ``ValueError`` if it has none."""
+    """The (negative) dim of the site's `pyro.plate("data")`; `ValueError` if it has none."""
     for frame in site["cond_indep_stack"]:
         if frame.name == DATA_PLATE:
             return frame.dim
@@ -114,9 +114,9 @@ def vectorized_traces(
 
 
 def trace_log_prob(trace, pdim: int, num_particles: int, n: int, observed: bool | None = None):
-    """Sum of per-datapoint log densities of a trace's sample sites, shape ``(K, N)``.
+    """Sum of per-datapoint log densities of a trace's sample sites, shape `(K, N)`.
 
-    ``observed=True`` keeps only observed sites, ``False`` only latent ones, ``None`` all.
+    `observed=True` keeps only observed sites, `False` only latent ones, `None` all.
     """
     total = torch.zeros(())
     for site in trace.nodes.values():
@@ -130,7 +130,7 @@ def trace_log_prob(trace, pdim: int, num_particles: int, n: int, observed: bool 
 def log_weights_with_grad(
     model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs
 ) -> torch.Tensor:
-    r""":func:`log_weights` without ``torch.no_grad`` (for optimizing a guide on it)."""
+    r"""`log_weights` without `torch.no_grad` (for optimizing a guide on it)."""
     g, m, pdim = vectorized_traces(model, guide, x, num_particles, *args, **kwargs)
     n = x.shape[0]
     return trace_log_prob(m, pdim, num_particles, n) - trace_log_prob(g, pdim, num_particles, n)
@@ -140,7 +140,7 @@ def log_weights_with_grad(
 def log_weights(
     model, guide, x: torch.Tensor, num_particles: int = 1, *args, **kwargs
 ) -> torch.Tensor:
-    r"""Log importance weights $\log p(x, z_k) - \log q(z_k|x)$, shape ``(num_particles, N)``.
+    r"""Log importance weights $\log p(x, z_k) - \log q(z_k|x)$, shape `(num_particles, N)`.
 
     Particles are vectorized with an extra plate left of the model's plates. Site scales (β,
     subsampling) are ignored: this is always the plain joint density.
@@ -151,14 +151,14 @@ def log_weights(
 def elbo(
     model, guide, x: torch.Tensor, num_particles: int = 1, batch_size: int | None = None
 ) -> torch.Tensor:
-    r"""Monte Carlo ELBO per datapoint, shape ``(N,)``, nats.
+    r"""Monte Carlo ELBO per datapoint, shape `(N,)`, nats.
 
     $$
     \widehat{\mathrm{ELBO}}(x) = \frac1K\sum_{k=1}^K \log p(x,z_k) - \log q(z_k|x),
     \qquad z_k \sim q(z\mid x).
     $$
 
-    ``batch_size`` splits the datapoints into chunks (memory).
+    `batch_size` splits the datapoints into chunks (memory).
     """
     bs = batch_size or x.shape[0]
     out = [log_weights(model, guide, xb, num_particles).mean(0) for xb in x.split(bs)]
@@ -166,9 +166,9 @@ def elbo(
 
 
 def _chunks(num_samples: int, n: int, batch_size: int | None, max_rows: int) -> tuple[int, int]:
-    """(datapoints per chunk, particles per chunk), their product at most about ``max_rows``.
+    """(datapoints per chunk, particles per chunk), their product at most about `max_rows`.
 
-    Without ``batch_size``: at least ``MIN_POINTS`` datapoints per chunk (fewer, larger
+    Without `batch_size`: at least `MIN_POINTS` datapoints per chunk (fewer, larger
     datapoint chunks; with large K the particles are split instead).
     """
     if batch_size is None:
@@ -186,7 +186,7 @@ def log_likelihood(
     batch_size: int | None = None,
     max_rows: int = MAX_ROWS,
 ) -> torch.Tensor:
-    r"""Importance-sampled $\log p(x)$ per datapoint (the IWAE bound), shape ``(N,)``, nats.
+    r"""Importance-sampled $\log p(x)$ per datapoint (the IWAE bound), shape `(N,)`, nats.
 
     $$
     \log \hat p_K(x) = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k\mid x)},
@@ -194,8 +194,8 @@ def log_likelihood(
     $$
 
     with $E[\log \hat p_K(x)] \le \log p(x)$, increasing in $K$ (Burda et al. 2016).
-    The guide is the proposal. Memory is bounded whatever ``num_samples``: datapoints are split
-    into chunks of ``batch_size`` and particles into chunks so that at most about ``max_rows``
+    The guide is the proposal. Memory is bounded whatever `num_samples`: datapoints are split
+    into chunks of `batch_size` and particles into chunks so that at most about `max_rows`
     (particle, datapoint) pairs go through the networks at once; the log-sum-exp over
     particles is accumulated chunk by chunk (streaming: $s \leftarrow
     \operatorname{logaddexp}(s, \operatorname{logsumexp}_k \log w_k)$). Pyro's validation

@@ -1,10 +1,10 @@
-r"""Amortized variational posteriors :math:`q_\phi(z \mid x)`, chosen by ``model.guide.kind``.
+r"""Amortized variational posteriors $q_\phi(z \mid x)$, chosen by `model.guide.kind`.
 
-``normal`` (default): the encoder outputs :math:`\mu_\phi(x)` and :math:`\sigma_\phi(x)`,
-:math:`q(z\mid x) = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)` (fully factorized Gaussian).
+`normal` (default): the encoder outputs $\mu_\phi(x)$ and $\sigma_\phi(x)$,
+$q(z\mid x) = \mathcal N(\mu, \mathrm{diag}\,\sigma^2)$ (fully factorized Gaussian).
 
-``flow``: the same Gaussian pushed through ``layers`` inverse autoregressive flow (IAF) layers,
-:math:`z = f_L \circ \dots \circ f_1(z_0)`, :math:`z_0 \sim \mathcal N(\mu, \sigma^2)`
+`flow`: the same Gaussian pushed through `layers` inverse autoregressive flow (IAF) layers,
+$z = f_L \circ \dots \circ f_1(z_0)$, $z_0 \sim \mathcal N(\mu, \sigma^2)$
 (Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", 2016).
 Sampling and scoring the sample are each one network pass per layer.
 """
@@ -27,7 +27,7 @@ GUIDES: Registry[Guide] = Registry("guide")
 
 
 class Guide(nn.Module):
-    """Base: ``encode(x) -> (loc, scale)``; ``forward(x)`` returns q(z|x) as a Pyro distribution."""
+    """Base: `encode(x) -> (loc, scale)`; `forward(x)` returns q(z|x) as a Pyro distribution."""
 
     Spec: type[Spec]
 
@@ -41,7 +41,7 @@ class Guide(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Gaussian part: :math:`(\\mu_\\phi(x), \\sigma_\\phi(x))`."""
+        """The Gaussian part: $(\\mu_\\phi(x), \\sigma_\\phi(x))$."""
         h = self.encoder(x)
         loc, raw_scale = h[..., : self.latent_dim], h[..., self.latent_dim :]
         return loc, softplus(raw_scale) + 1e-5
@@ -52,7 +52,7 @@ class Guide(nn.Module):
 
 @GUIDES.register
 class NormalGuide(Guide):
-    r""":math:`q(z\mid x) = \mathcal N(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2)`."""
+    r"""$q(z\mid x) = \mathcal N(\mu_\phi(x), \mathrm{diag}\,\sigma_\phi(x)^2)$."""
 
     class Spec(Spec):
         kind: Literal["normal"] = "normal"
@@ -64,7 +64,7 @@ class NormalGuide(Guide):
 
 @GUIDES.register
 class FlowGuide(Guide):
-    r"""Amortized Gaussian followed by ``layers`` IAF transforms (with permutations)."""
+    r"""Amortized Gaussian followed by `layers` IAF transforms (with permutations)."""
 
     class Spec(Spec):
         kind: Literal["flow"] = "flow"

@@ -1,18 +1,18 @@
-r"""Likelihoods :math:`p(x \mid z)`, chosen by ``model.likelihood.kind``.
+r"""Likelihoods $p(x \mid z)$, chosen by `model.likelihood.kind`.
 
-The decoder outputs ``params_per_feature`` raw numbers per data feature, shaped
-``(..., params_per_feature, D)``; a likelihood turns them into a ``pyro.distributions`` object
-with ``event_shape == (D,)``. Each likelihood also checks, once per dataset, that the data lies in
+The decoder outputs `params_per_feature` raw numbers per data feature, shaped
+`(..., params_per_feature, D)`; a likelihood turns them into a `pyro.distributions` object
+with `event_shape == (D,)`. Each likelihood also checks, once per dataset, that the data lies in
 its support, so that Pyro's validation (which stays on) never has to fail deep inside a step.
 
-* ``bernoulli`` — :math:`\prod_d \lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`; binary data {0, 1}.
-* ``continuous_bernoulli`` — :math:`\prod_d C(\lambda_d)\lambda_d^{x_d}(1-\lambda_d)^{1-x_d}`;
+* `bernoulli` — $\prod_d \lambda_d^{x_d}(1-\lambda_d)^{1-x_d}$; binary data {0, 1}.
+* `continuous_bernoulli` — $\prod_d C(\lambda_d)\lambda_d^{x_d}(1-\lambda_d)^{1-x_d}$;
   grey levels in [0, 1].
-* ``normal`` — :math:`\prod_d \mathcal N(x_d; \mu_d, \sigma^2)`; real values.
-* ``laplace`` — :math:`\prod_d \tfrac{1}{2b} e^{-|x_d-\mu_d|/b}`; real values, robust.
-* ``poisson`` — :math:`\prod_d \mathrm{Poisson}(x_d; r_d)`; counts.
-* ``negative_binomial`` — :math:`\prod_d \mathrm{NB}(x_d; r_d, p_d)` with learned
-  :math:`r_d`; over-dispersed counts.
+* `normal` — $\prod_d \mathcal N(x_d; \mu_d, \sigma^2)$; real values.
+* `laplace` — $\prod_d \tfrac{1}{2b} e^{-|x_d-\mu_d|/b}$; real values, robust.
+* `poisson` — $\prod_d \mathrm{Poisson}(x_d; r_d)$; counts.
+* `negative_binomial` — $\prod_d \mathrm{NB}(x_d; r_d, p_d)$ with learned
+  $r_d$; over-dispersed counts.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _describe(x: torch.Tensor, bad: torch.Tensor) -> str:
 
 
 class Likelihood(nn.Module):
-    """Base class: ``forward(raw)`` returns p(x|z); ``check_data`` validates a dataset once."""
+    """Base class: `forward(raw)` returns p(x|z); `check_data` validates a dataset once."""
 
     Spec: type[Spec]
     params_per_feature = 1
@@ -58,15 +58,15 @@ class Likelihood(nn.Module):
         raise NotImplementedError
 
     def mean(self, raw: torch.Tensor) -> torch.Tensor:
-        """:math:`E[x \\mid z]` — what reconstructions and samples show."""
+        """$E[x \\mid z]$ — what reconstructions and samples show."""
         return self(raw).mean
 
     def reconstruction_loss(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The autoencoder's loss per datapoint: :math:`-\\log p(x \\mid \\hat x)` by default."""
+        """The autoencoder's loss per datapoint: $-\\log p(x \\mid \\hat x)$ by default."""
         return -self(raw).log_prob(x)
 
     def check_data(self, x: torch.Tensor, source: str = "data") -> None:
-        """Raise :class:`DataError` naming ``source`` if ``x`` is outside this likelihood's support."""
+        """Raise `DataError` naming `source` if `x` is outside this likelihood's support."""
         bad = ~torch.isfinite(x)
         if bad.any():
             raise DataError(
@@ -93,7 +93,7 @@ class _Binary(Likelihood):
 
 @LIKELIHOODS.register
 class Bernoulli(_Binary):
-    r"""Binary pixels: :math:`x_d \sim \mathrm{Bernoulli}(\sigma(\ell_d))`; for grey levels binarize first."""
+    r"""Binary pixels: $x_d \sim \mathrm{Bernoulli}(\sigma(\ell_d))$; for grey levels binarize first."""
 
     class Spec(Spec):
         kind: Literal["bernoulli"] = "bernoulli"
@@ -123,8 +123,8 @@ class _UnitInterval(Likelihood):
 @LIKELIHOODS.register
 class ContinuousBernoulli(_UnitInterval):
     r"""Grey levels in [0, 1], properly normalized (Loaiza-Ganem & Cunningham 2019):
-    :math:`p(x\mid\lambda) = C(\lambda)\lambda^x(1-\lambda)^{1-x}`,
-    :math:`C(\lambda) = 2\,\mathrm{artanh}(1-2\lambda)/(1-2\lambda)`."""
+    $p(x\mid\lambda) = C(\lambda)\lambda^x(1-\lambda)^{1-x}$,
+    $C(\lambda) = 2\,\mathrm{artanh}(1-2\lambda)/(1-2\lambda)$."""
 
     class Spec(Spec):
         kind: Literal["continuous_bernoulli"] = "continuous_bernoulli"
@@ -136,7 +136,7 @@ class ContinuousBernoulli(_UnitInterval):
 
 
 class _LocationScale(Likelihood):
-    """``scale`` fixed (a positive number) or ``"learned"`` (one learned scale per feature)."""
+    """`scale` fixed (a positive number) or `"learned"` (one learned scale per feature)."""
 
     family: type[dist.TorchDistribution]
 
@@ -161,7 +161,7 @@ class _LocationScale(Likelihood):
 
 @LIKELIHOODS.register
 class Normal(_LocationScale):
-    r""":math:`x_d \sim \mathcal N(\mu_d(z), \sigma^2)`; :math:`-\log p = \|x-\mu\|^2/2\sigma^2 + \text{const}`."""
+    r"""$x_d \sim \mathcal N(\mu_d(z), \sigma^2)$; $-\log p = \|x-\mu\|^2/2\sigma^2 + \text{const}$."""
 
     family = dist.Normal
 
@@ -170,13 +170,13 @@ class Normal(_LocationScale):
         scale: Scale = 0.1
 
     def reconstruction_loss(self, raw, x):
-        """Squared error :math:`\\|x - \\hat x\\|^2` summed over features."""
+        """Squared error $\\|x - \\hat x\\|^2$ summed over features."""
         return (x - raw[..., 0, :]).pow(2).sum(-1)
 
 
 @LIKELIHOODS.register
 class Laplace(_LocationScale):
-    r""":math:`x_d \sim \mathrm{Laplace}(\mu_d(z), b)`: robust to outliers (L1 reconstruction)."""
+    r"""$x_d \sim \mathrm{Laplace}(\mu_d(z), b)$: robust to outliers (L1 reconstruction)."""
 
     family = dist.Laplace
 
@@ -197,7 +197,7 @@ class _Counts(Likelihood):
 
 @LIKELIHOODS.register
 class Poisson(_Counts):
-    r""":math:`x_d \sim \mathrm{Poisson}(r_d(z))`, :math:`r = \mathrm{softplus}(\text{raw})`."""
+    r"""$x_d \sim \mathrm{Poisson}(r_d(z))$, $r = \mathrm{softplus}(\text{raw})$."""
 
     class Spec(Spec):
         kind: Literal["poisson"] = "poisson"
@@ -209,8 +209,8 @@ class Poisson(_Counts):
 
 @LIKELIHOODS.register
 class NegativeBinomial(_Counts):
-    r""":math:`x_d \sim \mathrm{NB}(r_d, \mathrm{logits}_d(z))` with a learned dispersion
-    :math:`r_d` per feature (as for over-dispersed counts in scVI)."""
+    r"""$x_d \sim \mathrm{NB}(r_d, \mathrm{logits}_d(z))$ with a learned dispersion
+    $r_d$ per feature (as for over-dispersed counts in scVI)."""
 
     class Spec(Spec):
         kind: Literal["negative_binomial"] = "negative_binomial"

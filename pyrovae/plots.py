@@ -1,6 +1,6 @@
 """Figures of a run: reconstructions, samples, latent scatter, loss curves (matplotlib, Agg).
 
-Image grids use ``torchvision.utils.make_grid``. Every function writes one PNG and returns its path.
+Image grids use `torchvision.utils.make_grid`. Every function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _is_image(shape: tuple[int, ...]) -> bool:
 def image_grid(
     x: torch.Tensor, shape: tuple[int, ...], path: Path, title: str, nrow: int = 8
 ) -> Path:
-    """Save flattened images ``x`` (N, C*H*W) as a grid."""
+    """Save flattened images `x` (N, C*H*W) as a grid."""
     imgs = x.detach().cpu().float().clamp(0, 1).reshape(-1, *shape)
     grid = make_grid(imgs, nrow=nrow, padding=1, pad_value=1.0)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[1] / grid.shape[2] + 0.4))

@@ -10,16 +10,15 @@ metrics.json     per-epoch train/val ELBO (nats per datapoint), epoch seconds; f
 figures/         reconstructions, samples, latent scatter, loss curves
 ```
 
-
 * Every file is written to a temporary file in the same folder, flushed, fsync'ed and renamed
   over the target (then the folder is fsync'ed), so a crash at any moment leaves either the old
   or the new file, never half of one. A crash can leave the temporary file behind
-  (``.checkpoint.pt.XXXX.tmp``); :func:`remove_stale_temp_files` deletes those on resume.
+  (`.checkpoint.pt.XXXX.tmp`); `remove_stale_temp_files` deletes those on resume.
 * Checkpoints hold only tensors and plain data; they are read with
-  ``torch.load(..., weights_only=True)``, which refuses pickled code. The config is stored as
-  data (a dict) and re-validated on load; :func:`load_checkpoint` also checks that every entry
+  `torch.load(..., weights_only=True)`, which refuses pickled code. The config is stored as
+  data (a dict) and re-validated on load; `load_checkpoint` also checks that every entry
   the trainer needs is present and has the right type, so a corrupt or hand-made checkpoint is
-  a :class:`~pyrovae.errors.CheckpointError` naming the file, never a crash deeper in.
+  a `CheckpointError` naming the file, never a crash deeper in.
 """
 
 from __future__ import annotations
@@ -56,12 +55,12 @@ UNITS = (
 FORMAT_VERSION = 1
 
 #: largest number of values per datapoint a checkpoint may declare (guards against absurd
-#: ``data_shape`` entries in untrusted files that would allocate huge networks)
+#: `data_shape` entries in untrusted files that would allocate huge networks)
 MAX_DATA_DIM = 2**28
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: not every platform allows it)."""
+    """Make a rename in `folder` durable (best effort: not every platform allows it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -75,7 +74,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
+    """Write `data` to `path` atomically (temp file + fsync + rename + fsync of the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -95,15 +94,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write `obj` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Delete temporary files a killed process left in a run folder; return what was removed.
 
-    Only names this module (``.NAME.XXXX.tmp``) and :mod:`pyrovae.plots` (``.NAME.tmp.png`` in
-    ``figures/``) create are touched.
+    Only names this module (`.NAME.XXXX.tmp`) and `pyrovae.plots` (`.NAME.tmp.png` in
+    `figures/`) create are touched.
     """
     folder = Path(folder)
     stale = [*folder.glob(".*.tmp"), *(folder / "figures").glob(".*.tmp.png")]
@@ -119,17 +118,17 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Serialize ``state`` (tensors, numbers, strings, lists, dicts) atomically."""
+    """Serialize `state` (tensors, numbers, strings, lists, dicts) atomically."""
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without executing code; raise :class:`CheckpointError` on any problem.
+    """Load a checkpoint without executing code; raise `CheckpointError` on any problem.
 
-    The file is read with ``weights_only=True`` (pickled classes and functions are refused), its
-    ``format_version`` must be :data:`FORMAT_VERSION`, and :func:`check_state` validates the
+    The file is read with `weights_only=True` (pickled classes and functions are refused), its
+    `format_version` must be `FORMAT_VERSION`, and `check_state` validates the
     entries.
     """
     path = Path(path)
@@ -154,7 +153,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _load_failure(path: Path, e: Exception) -> str:
-    """A one-paragraph explanation of why ``torch.load(weights_only=True)`` refused ``path``."""
+    """A one-paragraph explanation of why `torch.load(weights_only=True)` refused `path`."""
     text = str(e)
     safe = (
         "It was read with torch.load(weights_only=True): nothing in it was executed. Do not "
@@ -187,7 +186,7 @@ def _tensor_dict(v: Any) -> bool:
     )
 
 
-#: entry -> (check, what it must be), for every entry the trainer and ``load_run`` read
+#: entry -> (check, what it must be), for every entry the trainer and `load_run` read
 _ENTRIES: dict[str, tuple[Any, str]] = {
     "kind": (lambda v: v in ("vae", "ae"), "'vae' or 'ae'"),
     "config": (lambda v: isinstance(v, dict), "a table (the run's config)"),
@@ -236,7 +235,7 @@ _ENTRIES: dict[str, tuple[Any, str]] = {
 
 
 def check_state(state: dict[str, Any], path: Path) -> None:
-    """Raise :class:`CheckpointError` unless ``state`` has every entry, of the right type.
+    """Raise `CheckpointError` unless `state` has every entry, of the right type.
 
     Also refuses non-finite parameters: pyrovae never writes them (see `save_run_checkpoint`), so a
     checkpoint holding NaN/inf was damaged or made elsewhere.
