@@ -1,12 +1,12 @@
 """The CUDA path, checked on a machine with a GPU: training runs on the device with no host
 synchronization inside a step, the ELBO agrees with the CPU's, and the IWAE evaluation runs there.
 
-    python benchmarks/cuda_check.py --root ../shared/data/mnist --json
+    python benchmarks/cuda_check.py --root /path/to/mnist --json
 
 What it does (one JSON object on stdout with ``--json``):
 
 1. ``sync``: trains one epoch of the benchmark VAE (784-400-50, batch 128) through
-   ``Trainer._run_epoch`` with ``torch.cuda.set_sync_debug_mode("warn")`` and counts the
+   ``Trainer.train`` with ``torch.cuda.set_sync_debug_mode("warn")`` and counts the
    synchronizing CUDA calls. Expected: one host read of the loss every ``CUDA_SYNC_EVERY`` steps
    plus the first step of the epoch (which runs Pyro's argument checks), nothing per step.
 2. ``agreement``: the same model (CPU initial weights) evaluated on CPU and on CUDA: the exact
@@ -42,13 +42,14 @@ from pyrovae.train import CUDA_SYNC_EVERY, Trainer  # noqa: E402
 
 
 def count_syncs(root: str) -> dict:
-    cfg = bench_config(root, device="cuda")
+    cfg = bench_config(root, 128)
+    cfg.train.device = "cuda"
     data = pyrovae.load_data(cfg.data, seed=0)
     pyro.set_rng_seed(0)
-    tr = Trainer(cfg, Path(tempfile.mkdtemp()), data, pyrovae.build_model(cfg, data.shape), False)
-    tr.data_checked = True
+    model = pyrovae.build_model(cfg, data.shape)
+    tr = Trainer(model, cfg.train, data.x_train, dynamic_binarize=True, device="cuda", progress=False)
     tr.perm = torch.randperm(tr.n, generator=tr.gen, device=tr.device)
-    tr._step(tr._batch(0), check=False)  # warm-up (cuBLAS handles, allocator)
+    tr.step(tr.batch(0), check=False)  # warm-up (cuBLAS handles, allocator)
     torch.cuda.synchronize()
     tr.perm, tr.step_in_epoch = None, 0
     with warnings.catch_warnings(record=True) as caught:
@@ -56,9 +57,7 @@ def count_syncs(root: str) -> dict:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             t0 = time.perf_counter()
-            with tr.model.trusted_data():
-                tr.perm = torch.randperm(tr.n, generator=tr.gen, device=tr.device)
-                loss, _ = tr._run_steps(math.ceil(tr.n / cfg.train.batch_size))
+            tr.train()
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
         finally:
@@ -72,12 +71,12 @@ def count_syncs(root: str) -> dict:
         "synchronizing_calls": len(syncs),
         "kinds": sorted(set(syncs))[:10],
         "epoch_seconds": seconds,
-        "train_elbo": -loss,
+        "train_elbo": tr.history[-1]["train_elbo"],
     }
 
 
 def agreement(root: str) -> dict:
-    cfg = bench_config(root, device="cpu")
+    cfg = bench_config(root, 128)
     data = pyrovae.load_data(cfg.data, seed=0)
     pyro.set_rng_seed(0)
     vae = pyrovae.build_model(cfg, data.shape)
@@ -142,7 +141,7 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--root", default="", help="folder with the four MNIST IDX files ('' = download cache)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     if not torch.cuda.is_available():

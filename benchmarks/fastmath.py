@@ -1,6 +1,11 @@
-r"""Softplus and the Bernoulli log-density for CPU training, without ATen's unvectorized ``log1p``.
+r"""A benchmark finding, not library code: softplus and the Bernoulli log-density without ATen's
+unvectorized ``log1p`` (torch 2.14, AVX512 CPU kernels).
 
-On the CPU with its AVX512 kernels (the default on AVX512 machines such as this project's), ATen
+This module lived in the library until the redesign that put every training step through Pyro's
+own ELBOs; it is kept here, with ``fastmath_kernels.py``, as the evidence for an upstream report
+(ATen's float32 ``log1p`` is scalar in its AVX512 CPU kernels). Nothing in ``pyrovae`` imports it.
+
+On the CPU with its AVX512 kernels (the default on AVX512 machines), ATen
 evaluates :math:`\log(1 + e^{x})` in ``softplus``, ``log_sigmoid`` and
 ``binary_cross_entropy_with_logits`` with a float32 ``log1p`` that is not vectorized, while ``exp``
 and ``log`` are: a 128 × 400 ``softplus`` takes ≈ 0.25 ms and a 128 × 784
@@ -19,7 +24,7 @@ exactly the rounding error of :math:`1 + t` (Fast2Sum). Then
 
 with gradients :math:`\sigma(x)` and :math:`y - \sigma(\ell)`. Accuracy: at most 1.45 ulp from the
 float64 value measured (ATen's own softplus: 1.27 ulp; the tests allow 3), ``inf``/``nan`` as
-ATen's (``tests/test_fastmath.py``). 2.4–2.9× faster forward, 1.5–2.0× forward + backward on
+ATen's (``fastmath_kernels.py`` prints the accuracy). 2.4–2.9× faster forward, 1.5–2.0× forward + backward on
 50,000–100,000 elements (``benchmarks/fastmath_kernels.py``).
 
 They are used only where they pay (:func:`_fast`): float32 CPU tensors of at least

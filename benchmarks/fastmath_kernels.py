@@ -1,4 +1,4 @@
-"""``pyrovae.fastmath`` against ATen: time and accuracy of softplus and the Bernoulli log-density.
+"""``benchmarks/fastmath.py`` against ATen: time and accuracy of softplus and the Bernoulli log-density.
 
 For each size, in one process with ``torch.set_num_threads(--threads)``: the forward pass without
 autograd and forward + backward, ATen's function (``F.softplus``, ``-F.binary_cross_entropy_with_logits``)
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pyrovae import fastmath  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fastmath  # noqa: E402  (benchmarks/fastmath.py)
 
 
 def _time(f, calls: int, repeats: int) -> float:

@@ -12,7 +12,9 @@ extrapolated linearly from ``--points`` images (cost is linear in images x K).
     python benchmarks/log_likelihood.py                       # train 1 epoch, 500 images
     python benchmarks/log_likelihood.py --run runs/mnist_vae --points 200 --repeats 1
 
-Needs the four MNIST files in /work/shared/data/mnist (or ``--mnist DIR``).
+``--root DIR``: the folder with the four MNIST IDX files (gzipped or not). Left empty (the
+default), torchvision downloads MNIST into ``~/.cache/pyrovae/mnist`` on first use (online
+only); with ``--run``, the run's own ``data.root`` applies unless ``--root`` is given.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from pyrovae.evaluate import MAX_ROWS, _chunks, evaluation_mode, log_likelihood
 LOG_2PI = math.log(2 * math.pi)
 
 
-def config(mnist: str, epochs: int) -> dict:
+def config(root: str, epochs: int) -> dict:
     mlp = lambda h: {"kind": "mlp", "hidden": h, "activation": "softplus"}  # noqa: E731
     return {
-        "data": {"dataset": "mnist", "root": mnist, "binarize": "dynamic"},
+        "data": {"dataset": "mnist", "root": root, "binarize": "dynamic"},
         "model": {
             "latent_dim": 50,
             "encoder": mlp([400]),
@@ -83,9 +85,14 @@ def pyrovae_iwae(vae, x: torch.Tensor, k: int) -> torch.Tensor:
 IMPLEMENTATIONS = {"pyrovae": pyrovae_iwae, "hand-written": iwae_by_hand}
 
 
-def load(run_dir: str, points: int):
-    run = pyrovae.load_run(run_dir, data=True)
-    return run.model, run.data.x_test[:points]
+def load(run_dir: str, points: int, root: str = ""):
+    """The run's model and its first ``points`` test images (from ``root`` when given)."""
+    if not root:
+        run = pyrovae.load_run(run_dir, data=True)
+        return run.model, run.data.x_test[:points]
+    run = pyrovae.load_run(run_dir)
+    data_cfg = run.config.data.model_copy(update={"root": root})
+    return run.model, pyrovae.load_data(data_cfg, seed=run.config.train.seed).x_test[:points]
 
 
 def _status_mib(field: str) -> float | None:
@@ -244,7 +251,13 @@ def main() -> None:
         "--run", help="a trained run folder (default: train a 784-400-50 VAE for --epochs)"
     )
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--mnist", default="/work/shared/data/mnist")
+    p.add_argument(
+        "--root",
+        "--mnist",
+        dest="root",
+        default="",
+        help="folder with the four MNIST IDX files ('' = download cache, or the run's data.root)",
+    )
     p.add_argument("--points", type=int, default=500, help="test images for the timing")
     p.add_argument(
         "--mem-points", type=int, default=50, help="test images for each memory subprocess"
@@ -269,8 +282,8 @@ def main() -> None:
             f"training the 784-400-50 VAE for {args.epochs} epoch(s) into {run_dir} ...",
             file=sys.stderr,
         )
-        pyrovae.fit(config(args.mnist, args.epochs), run_dir, progress=False, figures=False)
-    vae, x = load(run_dir, max(args.points, args.mem_points))
+        pyrovae.fit(config(args.root, args.epochs), run_dir, progress=False, figures=False)
+    vae, x = load(run_dir, max(args.points, args.mem_points), args.root)
     torch.save(x.clone(), Path(run_dir) / "x_test.pt")
     x = x[: args.points]
     ts = [timings(vae, x, args.k, args.repeats, n) for n in threads]

@@ -3,6 +3,11 @@ epochs at a given constant rate and compare the test NLL before and after (paire
 images, same seed for the importance samples).
 
     python benchmarks/lr_finetune.py runs/mnist_nll/vae 1e-4 6   # the run folder of a trained model
+    python benchmarks/lr_finetune.py runs/mnist_nll/vae 1e-4 6 --root /path/with/the/four/idx/files
+
+``--root`` (the folder with the four MNIST IDX files) replaces the run's own ``data.root``; left
+empty (the default) the run's ``data.root`` applies (``""`` there: torchvision's download cache,
+``~/.cache/pyrovae/mnist``).
 
 Prints the IWAE-bound test NLL (K = 100, first 1,000 test images, nats) before and after, and the
 validation ELBO of each extra epoch. The run folder itself is not modified (a copy is trained).
@@ -11,6 +16,7 @@ validation ELBO of each extra epoch. The run folder itself is not modified (a co
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -33,12 +39,15 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("lr", type=float)
     p.add_argument("epochs", type=int)
-    p.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    p.add_argument(
+        "--root", default="", help="folder with the four MNIST IDX files ('' = the run's data.root)"
+    )
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     run = pyrovae.load_run(a.run_dir)
-    x = pyrovae.load_data(run.config.data.model_copy(update={"root": a.root}), seed=run.config.train.seed).x_test[:1000]
+    root = a.root or run.config.data.root
+    x = pyrovae.load_data(run.config.data.model_copy(update={"root": root}), seed=run.config.train.seed).x_test[:1000]
     pyro.set_rng_seed(1)
     before = nll(run, x, 100)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +55,7 @@ def main() -> None:
         shutil.copytree(a.run_dir, out)
         done = len(run.history)
         sets = [f"train.epochs={done + a.epochs}", f"train.lr={a.lr}", "train.lr_decay=1.0", "train.lr_min=0.0"]
-        cfg = pyrovae.load_config(out / "config.toml", sets + [f'data.root="{a.root}"'])
+        cfg = pyrovae.load_config(out / "config.toml", sets + [f"data.root={json.dumps(root)}"])
         # --resume only lets train.epochs change; continue with the stored state under the new rate
         cfg.save(out / "config.toml")
         state = torch.load(out / "checkpoint.pt", weights_only=True)
