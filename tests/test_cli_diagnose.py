@@ -30,7 +30,9 @@ def test_diagnose_vae_json_and_report_with_defaults(digits_run, tmp_path, capsys
     r = json.loads(capsys.readouterr().out)
     assert r["kind"] == "vae" and r["split"] == "test" and r["points"] == 64
     ll, d = r["log_likelihood"], r["decomposition"]
-    assert ll["samples"] == 1000 and ll["se"] > 0 and ll["mean"] >= r["elbo"]["mean"] - 0.5
+    assert ll["samples"] == 1000 and 0.05 < ll["se"] < 0.5
+    # IWAE(1000) above the ELBO by the trained run's gap (measured 0.33 nats with 100 particles)
+    assert 0.1 < ll["mean"] - r["elbo"]["mean"] < 1.0, (ll["mean"], r["elbo"]["mean"])
     assert d["mutual_information"] <= d["log_n"] + 1e-9 and 0 <= d["active_units"] <= 2
     assert len(d["kl_per_dim"]) == 2 and d["kl_method"].startswith("analytic")
     assert (

@@ -45,7 +45,11 @@ def test_example_config_loads():
         ({"train": {"lr_decay": 1.5}}, "train.lr_decay: Input should be less than or equal to 1"),
         ({"train": {"lr": 1e-3, "lr_min": 1e-2}}, "lr_min (0.01) must not exceed lr (0.001)"),
         ({"train": {"epochs": "many"}}, "train.epochs"),
-        ({"train": {"objective": "elbo"}}, "'trace_elbo', 'mean_field' or 'iwae'"),
+        (
+            {"train": {"objective": "elbo"}},
+            "train.objective: Input should be 'trace_elbo', 'mean_field', 'trace_enum' or "
+            "'iwae'; got 'elbo'",
+        ),
         ({"data": {"binarize": "yes"}}, "data.binarize"),
     ],
 )
@@ -104,3 +108,25 @@ def test_save_and_reload_round_trip(tmp_path):
     (tmp_path / "c.toml").write_text(c.to_toml())
     assert load_config(tmp_path / "c.toml") == c
     assert isinstance(c, Config)
+
+
+def test_retired_fast_path_is_dropped_with_a_warning(tmp_path):
+    """Run folders written before the redesign hold train.fast_path: they still load; asking
+    for it (true) warns that it no longer exists, false is dropped silently."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"train\.fast_path is no longer an option.*ignored"):
+        c = load_config({"train": {"fast_path": True, "epochs": 3}})
+    assert c.train.epochs == 3 and "fast_path" not in c.train.model_dump()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config({"train": {"fast_path": False}}) == load_config()
+    old = tmp_path / "old.toml"
+    old.write_text("[train]\nfast_path = true\nepochs = 4\n")
+    with pytest.warns(UserWarning, match="old.toml: train.fast_path"):
+        assert load_config(old).train.epochs == 4
+    assert "fast_path" not in c.to_toml()
+
+
+def test_trace_enum_is_an_objective():
+    assert load_config({"train": {"objective": "trace_enum"}}).train.objective == "trace_enum"

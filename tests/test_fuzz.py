@@ -55,7 +55,18 @@ KEYS = [
 ]  # fmt: skip
 WORDS = sorted(
     {k for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES) for k in r.kinds()}
-    | {"vae", "ae", "none", "static", "dynamic", "trace_elbo", "iwae", "mean_field", "cpu"}
+    | {
+        "vae",
+        "ae",
+        "none",
+        "static",
+        "dynamic",
+        "trace_elbo",
+        "iwae",
+        "mean_field",
+        "trace_enum",
+        "cpu",
+    }
     | {"auto", "cuda", "learned", "softplus", "relu", "deep", "linear", "digits", "mnist"}
 )
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=8))

@@ -7,38 +7,64 @@ import math
 import pytest
 import torch
 
+from pyrovae import ConfigError
 from pyrovae.networks import NETWORKS, Conv, build_network
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 32, 32), (1, 7, 9)])
 @pytest.mark.parametrize("params", [1, 2])
 def test_conv_encoder_decoder_shapes(shape, params):
+    """Encoder: image -> vector; decoder: vector -> `params` values per pixel, exactly the
+    image size (odd sizes too), with (particles, batch) leading dims kept."""
+    c, h, w = shape
     d = math.prod(shape)
-    enc = build_network(Conv.Spec(), shape, 10)
-    dec = build_network(
-        Conv.Spec(), (5,), params * d, out_shape=shape, out_channels_per_pixel=params
-    )
+    enc = build_network(Conv.Spec(), shape, (10,))
+    dec = build_network(Conv.Spec(), (5,), (params * c, h, w))
     x = torch.rand(3, 4, d)  # (particles, batch, D)
     assert enc(x).shape == (3, 4, 10)
     assert dec(torch.randn(3, 4, 5)).shape == (3, 4, params * d)
+    # the leading dims are a batch: each (particle, point) is mapped on its own
+    torch.testing.assert_close(enc(x)[1, 2], enc(x[1, 2][None])[0])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_dense_networks(kind):
-    net = build_network(NETWORKS[kind].Spec(), (1, 8, 8), 7)
-    assert net(torch.rand(2, 5, 64)).shape == (2, 5, 7)
+    net = build_network(NETWORKS[kind].Spec(), (1, 8, 8), (7,))
+    x = torch.rand(2, 5, 64)
+    assert net(x).shape == (2, 5, 7)
+    torch.testing.assert_close(net(x)[1, 3], net(x[1, 3]))
 
 
 def test_linear_has_no_hidden_layer():
-    net = build_network(NETWORKS["linear"].Spec(), (64,), 3)
+    net = build_network(NETWORKS["linear"].Spec(), (64,), (3,))
     assert sum(p.numel() for p in net.parameters()) == 64 * 3 + 3
+    x = torch.rand(4, 64)
+    torch.testing.assert_close(net(x), x @ net.weight.T + net.bias)  # one affine map
 
 
 def test_mlp_activation_choice():
-    net = build_network(NETWORKS["mlp"].Spec(hidden=[4, 4], activation="tanh"), (6,), 2)
+    net = build_network(NETWORKS["mlp"].Spec(hidden=[4, 4], activation="tanh"), (6,), (2,))
     assert sum(isinstance(m, torch.nn.Tanh) for m in net.modules()) == 2
+    assert [m.out_features for m in net if isinstance(m, torch.nn.Linear)] == [4, 4, 2]
 
 
-def test_conv_needs_image_shape():
-    with pytest.raises(ValueError, match="C, H, W"):
-        build_network(Conv.Spec(), (64,), 3)
+@pytest.mark.parametrize(
+    "in_shape,out_shape", [((64,), (3,)), ((1, 8, 8), (1, 8, 8))], ids=["vectors", "images"]
+)
+def test_conv_needs_image_data_on_exactly_one_side(in_shape, out_shape):
+    with pytest.raises(ConfigError) as e:
+        build_network(Conv.Spec(), in_shape, out_shape, name="model.encoder")
+    msg = str(e.value)
+    assert msg.startswith('model.encoder: kind = "conv" needs image data')
+    assert "(C, H, W)" in msg and f"input shape {in_shape}" in msg and 'kind = "mlp"' in msg
+
+
+def test_vae_with_conv_on_vector_data_names_the_encoder():
+    from pyrovae import VAE, load_config
+
+    cfg = load_config({"model": {"encoder": {"kind": "conv"}, "decoder": {"kind": "conv"}}})
+    with pytest.raises(ConfigError, match=r'^model\.encoder: kind = "conv" needs image data'):
+        VAE(cfg.model, (4,))
+    cfg = load_config({"model": {"decoder": {"kind": "conv"}}})
+    with pytest.raises(ConfigError, match=r'^model\.decoder: kind = "conv" needs image data'):
+        VAE(cfg.model, (4,))
