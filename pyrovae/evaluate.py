@@ -16,6 +16,7 @@ call scores a whole chunk of $K \times B$ latent draws.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,7 @@ def vectorized_traces(
     num_particles: int,
     *args,
     max_plate_nesting: int | None = None,
+    hide: bool = True,
     **kwargs,
 ):
     """Guide and (replayed) model traces with `num_particles` draws per datapoint.
@@ -92,7 +94,9 @@ def vectorized_traces(
     Returns `(guide_trace, model_trace, particle_dim)`; every sample site's batch shape is
     `(num_particles, N)` at dims `(particle_dim, data dim)`. Gradients flow (no `no_grad`).
     `max_plate_nesting`: the program's plate depth when known (else one extra run of guide
-    and model finds it).
+    and model finds it). `hide`: run under `poutine.block()` so that enclosing handlers see
+    nothing; `False` lets them see the sites (e.g. `pyro.infer.SVI`'s capture of the
+    parameters that the loss uses).
     """
     nesting = max_plate_nesting
     if nesting is None:
@@ -107,7 +111,7 @@ def vectorized_traces(
 
         return wrapped
 
-    with poutine.block():
+    with poutine.block() if hide else contextlib.nullcontext():
         g = poutine.trace(vec(guide)).get_trace(x, *args, **kwargs)
         m = poutine.trace(poutine.replay(vec(model), trace=g)).get_trace(x, *args, **kwargs)
     return g, m, pdim

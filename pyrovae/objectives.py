@@ -68,7 +68,7 @@ class IWAE_ELBO(pyro.infer.ELBO):
     def differentiable_loss(self, model, guide, x, n_data=None, beta=1.0, *args, **kwargs):
         k, b = self.num_particles, x.shape[0]
         g, m, pdim = vectorized_traces(
-            model, guide, x, k, *args, max_plate_nesting=self.max_plate_nesting, **kwargs
+            model, guide, x, k, *args, max_plate_nesting=self.max_plate_nesting, hide=False, **kwargs
         )
         log_px = trace_log_prob(m, pdim, k, b, observed=True)
         log_pz = trace_log_prob(m, pdim, k, b, observed=False)

@@ -162,12 +162,12 @@ def fit(
         finished = trainer.train()
         if not finished:
             writer.save(trainer)
-    except TrainingError as e:
-        last = f" The last good checkpoint is {ckpt}." if ckpt.exists() else ""
-        raise TrainingError(f"{e}{last}") from None
-    except BaseException:
+    except BaseException as e:
         if created is not None and not ckpt.exists():
             shutil.rmtree(created, ignore_errors=True)  # nothing resumable was written
+        if isinstance(e, TrainingError):
+            last = f" The last good checkpoint is {ckpt}." if ckpt.exists() else ""
+            raise TrainingError(f"{e}{last}") from None
         raise
     run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
     if finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,9 @@ import pyrovae.data as data_mod
 from pyrovae.data import IDX_FILES, DataConfig, Dataset, load_data, read_idx
 from pyrovae.errors import DataError
 
-MNIST_DIR = Path("/work/shared/data/mnist")
+#: the four original MNIST files (gzipped IDX), for the tests that read the real dataset: the
+#: folder named by $PYROVAE_TEST_MNIST (CI sets it), else torchvision's download cache
+MNIST_DIR = Path(os.environ.get("PYROVAE_TEST_MNIST") or Path.home() / ".cache/pyrovae/mnist")
 # Class counts of the canonical MNIST files.
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -162,14 +165,24 @@ def test_to_device_returns_moved_copy() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _need_mnist() -> None:
+    if not all((MNIST_DIR / f"{stem}.gz").is_file() for stem in IDX_FILES):
+        pytest.skip(
+            f"the real MNIST files are not in {MNIST_DIR}: set PYROVAE_TEST_MNIST to a folder "
+            "holding the four train-/t10k- IDX .gz files"
+        )
+
+
 @pytest.fixture(scope="module")
 def mnist() -> Dataset:
+    _need_mnist()
     return load_data(mnist_cfg(MNIST_DIR), seed=0)
 
 
 @pytest.fixture(scope="module")
 def mnist_plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ungzipped copy of the real MNIST files."""
+    _need_mnist()
     folder = tmp_path_factory.mktemp("mnist_plain")
     for stem in IDX_FILES:
         with gzip.open(MNIST_DIR / f"{stem}.gz", "rb") as src, open(folder / stem, "wb") as dst:
@@ -195,6 +208,7 @@ def test_real_mnist_shapes_range_and_labels(mnist: Dataset) -> None:
 
 
 def test_read_idx_on_real_mnist() -> None:
+    _need_mnist()
     labels = read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,) and labels.dtype == np.uint8
     images = read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")

@@ -202,12 +202,6 @@ def test_iwae_expectation_against_closed_forms(ppca, x):
     assert bounds[1] - bounds[0] > 0.3  # K = 10 already closes most of the 0.56-nat gap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: IWAE_ELBO.loss_and_grads runs model and guide inside poutine.block() "
-    "(pyrovae/evaluate.py vectorized_traces), so pyro.infer.SVI's param capture sees no "
-    "parameter and pyro.optim never updates any (Trace_ELBO updates them all)",
-)
 def test_iwae_trains_with_pyro_svi_and_a_pyro_optimizer(ppca, x):
     """IWAE_ELBO as `pyro.infer.SVI` uses it (loss_and_grads, pyro.optim.Adam) updates the
     guide's parameters, as Trace_ELBO does."""

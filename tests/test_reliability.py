@@ -407,9 +407,7 @@ def test_loss_that_stays_infinite_stops_with_a_clear_error(server, tmp_path):
     )
     assert "learning rate lowered to 0.00025" in res.stderr
     assert res.stdout.count("restored the last good state") == 2
-    assert not (tmp_path / "run" / CHECKPOINT).exists()  # no checkpoint was ever good
-    # docs/reliability.md also promises no folder at all: see the xfail
-    # test_train.py::test_nonfinite_loss_that_never_recovers_leaves_no_folder (library bug)
+    assert not (tmp_path / "run").exists()  # no checkpoint was ever good: no folder at all
 
 
 def test_stop_after_a_bad_update_saves_the_last_good_state(tmp_path):

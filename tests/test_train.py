@@ -433,13 +433,6 @@ def test_nonfinite_loss_gives_up_with_clear_error(tmp_path):
     assert not (tmp_path / "r" / CHECKPOINT).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: pyrovae/workflow.py fit() catches TrainingError in its own `except` "
-    "clause (re-raising with the checkpoint hint), so the `except BaseException` clause that "
-    "removes the folder fit created (when no checkpoint was written) never runs for it; "
-    "docs/reliability.md promises 'no folder if no epoch completed'",
-)
 def test_nonfinite_loss_that_never_recovers_leaves_no_folder(tmp_path):
     from pyrovae import TrainingError
 
