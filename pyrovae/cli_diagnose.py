@@ -117,7 +117,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from pyrovae.runs import load_run
 
     _check(args)
-    run = load_run(args.run_dir, data=True)
+    run = load_run(args.run_dir, data=True, accept_plugin_changes=args.accept_plugin_changes)
     diag = diagnose_run(
         run,
         points=args.points,
