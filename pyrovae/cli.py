@@ -94,6 +94,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         _config_with_overrides(config, args.set) if config else None,
         args.out,
         resume=args.resume,
+        progress=False if args.quiet else None,
         accept_plugin_changes=args.accept_plugin_changes,
     )
     if run.interrupted:
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  pyrovae compare examples/configs/digits_vae.toml --out runs/demo\n  pyrovae fit CONFIG --out runs/vae\n  pyrovae evaluate runs/vae --json\n  pyrovae sample runs/vae -n 64 --out samples.png\n\nRun 'pyrovae COMMAND --help' for each command's options.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p.set_defaults(plugin=[], accept_plugin_changes=False)
+    p.set_defaults(plugin=[], accept_plugin_changes=False, quiet=False, verbose=False)
     raw = argparse.RawDescriptionHelpFormatter
 
     f = sub.add_parser(
@@ -274,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_args(parser: argparse.ArgumentParser, accept: bool = True) -> None:
+    """Options every command has: plugins, and how much it says on stderr."""
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or log lines, only errors"
+    )
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug log lines as well")
     parser.add_argument(
         "--plugin",
         action="append",
@@ -307,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from pyrovae.progress import configure
         from pyrovae.registry import load_plugin
 
+        configure(-1 if args.quiet else (1 if args.verbose else 0))
         for path in args.plugin:
             load_plugin(path)
         return int(args.func(args) or 0)

@@ -71,6 +71,7 @@ from pyrovae.evaluate import (
     trace_log_prob,
     vectorized_traces,
 )
+from pyrovae.progress import bar, log, show_bars
 
 if TYPE_CHECKING:
     import arviz as az
@@ -121,6 +122,7 @@ def log_weights_chunked(
     """All log weights `(num_samples, N)`, computed in chunks of about `max_rows` rows."""
     b = max(1, min(x.shape[0], max_rows // num_samples))
     out = []
+    progress = bar(total=x.shape[0], desc=f"PSIS log weights, K={num_samples}", unit="pt")
     for xb in x.split(b):
         k_chunk = max(1, max_rows // xb.shape[0])
         parts = [
@@ -128,6 +130,8 @@ def log_weights_chunked(
             for s in range(0, num_samples, k_chunk)
         ]
         out.append(torch.cat(parts, 0))
+        progress.update(xb.shape[0])
+    progress.close()
     return torch.cat(out, 1)
 
 
@@ -464,7 +468,7 @@ def _run_nuts(
         num_samples=num_samples,
         warmup_steps=warmup_steps,
         num_chains=1,
-        disable_progbar=True,
+        disable_progbar=not show_bars(),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -732,7 +736,7 @@ def _optimize_local(
     opt = torch.optim.Adam(fam.params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr / 20)
     local = fam.guide(site)
-    for _ in range(steps):
+    for _ in bar(range(steps), desc="amortization gap: fitting q* per point", unit="step"):
         loss = -log_weights_with_grad(model, local, x, num_particles).mean(0).sum()
         grads = torch.autograd.grad(
             loss, fam.params
@@ -852,7 +856,9 @@ class DiagnoseOptions:
 
     Attributes:
         points: datapoints for NUTS (0 skips NUTS).
-        iwae_samples: K of the IWAE log-likelihood on the whole test split.
+        iwae_samples: K of the IWAE log-likelihood.
+        iwae_points: test points for the IWAE log-likelihood and the ELBO (a seeded subset;
+            `None`: the whole test split).
         khat_samples: importance samples per datapoint for PSIS k-hat.
         max_points: cap on datapoints for the decomposition, k-hat and I(x;z) (a seeded subset).
         gap_points: datapoints for the amortization gap (0 skips it).
@@ -865,6 +871,7 @@ class DiagnoseOptions:
 
     points: int = 4
     iwae_samples: int = 1000
+    iwae_points: int | None = 2000
     khat_samples: int = 1000
     max_points: int = 1000
     gap_points: int = 50
@@ -897,6 +904,67 @@ def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: 
         return _diagnose_vae(run, run.model, x_all, o)
 
 
+def estimate_seconds(run: Run, options: DiagnoseOptions | None = None) -> dict[str, float]:
+    """Rough seconds per stage of `diagnose_run` on this machine, from the sizes and one
+    timed probe of the model and guide (64 test points x 256 samples, the best of two)."""
+    o = options or DiagnoseOptions()
+    m, x = run.model, run.data.x_test.to(next(run.model.parameters()).device)
+    n = x.shape[0]
+    probe = x[: min(64, n)]
+    def best(fn, repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return max(min(times), 1e-6)
+
+    small = x[: max(1, min(n, o.points * o.chains))]
+    with evaluation_mode(m), torch.no_grad():
+        log_weights(m.model, m.guide, probe, 4)  # warm-up
+        rate = probe.shape[0] * 256 / best(lambda: log_weights(m.model, m.guide, probe, 256), 2)
+        call = best(lambda: log_weights(m.model, m.guide, small, 1))  # NUTS's unit of work
+    ni = n if o.iwae_points is None else min(n, o.iwae_points)
+    nm = min(n, o.max_points)
+    est = {
+        "decomposition": nm * 40 / rate,
+        "psis": nm * o.khat_samples / rate,
+        "log_likelihood": ni * (o.iwae_samples + 1) / rate,
+    }
+    if o.points > 0:  # calibrated: a JIT-compiled NUTS step costs ~2.5 unjitted model+guide calls
+        est["nuts"] = (o.nuts_samples + o.nuts_warmup) * 2.5 * call
+    if o.gap_points > 0:
+        rows = o.gap_points * (3 * o.gap_steps * o.gap_particles + 2000 + o.iwae_samples)
+        est["amortization_gap"] = rows / rate
+    return est
+
+
+def plan(run: Run, options: DiagnoseOptions | None = None) -> str:
+    """What `diagnose_run` will run, with a rough duration each, and the options to change it."""
+    o = options or DiagnoseOptions()
+    n = run.data.x_test.shape[0]
+    est = estimate_seconds(run, o)
+    ni = n if o.iwae_points is None else min(n, o.iwae_points)
+    what = {
+        "decomposition": f"ELBO decomposition and I(x;z) on {min(n, o.max_points)} test points",
+        "psis": f"PSIS k-hat with {o.khat_samples} samples on {min(n, o.max_points)} points",
+        "log_likelihood": f"IWAE log p(x) with K={o.iwae_samples} on {ni} of {n} test points",
+        "nuts": f"NUTS, {o.chains} chains x {o.nuts_warmup}+{o.nuts_samples} steps, {o.points} points",
+        "amortization_gap": f"amortization gap on {o.gap_points} points ({o.gap_steps} steps)",
+    }
+    lines = [f"  {what[k]}: ~{_duration(v)}" for k, v in est.items()]
+    return (
+        f"diagnose will run (about {_duration(sum(est.values()))} in all, rough):\n"
+        + "\n".join(lines)
+        + "\n  faster: --iwae-samples 200 --points 0 --gap-points 0; further: --iwae-samples 5000 "
+        "--iwae-points 0 (every test point) --points 16 --max-points 5000"
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 @contextmanager
 def frozen_parameters(module: torch.nn.Module) -> Iterator[None]:
     """Turn off `requires_grad` of a module's parameters (for NUTS with `jit_compile` and
@@ -919,22 +987,25 @@ class _Clock:
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name], self.t = now - self.t, now
+        log.info("%s: done in %.1f s", name.replace("_", " "), self.laps[name])
 
 
 def _estimates(vae, x_all: torch.Tensor, x: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
-    ll_mean, ll_se = mean_and_se(log_likelihood(vae.model, vae.guide, x_all, o.iwae_samples))
-    el_mean, el_se = mean_and_se(elbo(vae.model, vae.guide, x_all, 1, batch_size=1024))
+    xi = _subset(x_all, o.iwae_points, o.seed + 3)
+    ll_mean, ll_se = mean_and_se(log_likelihood(vae.model, vae.guide, xi, o.iwae_samples))
+    el_mean, el_se = mean_and_se(elbo(vae.model, vae.guide, xi, 1, batch_size=1024))
     return {
-        "elbo": {"mean": el_mean, "se": el_se, "particles": 1},
+        "elbo": {"mean": el_mean, "se": el_se, "particles": 1, "points": int(xi.shape[0])},
         "log_likelihood": {
             "mean": ll_mean,
             "se": ll_se,
             "samples": o.iwae_samples,
+            "points": int(xi.shape[0]),
             "estimator": "importance sampling (IWAE bound), proposal q(z|x)",
         },
         "bound_gap": ll_mean - el_mean,
         "reconstruction_error": (
-            float(reconstruction_error(vae, x_all).mean()) if hasattr(vae, "reconstruct") else None
+            float(reconstruction_error(vae, xi).mean()) if hasattr(vae, "reconstruct") else None
         ),
     }
 

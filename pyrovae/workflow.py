@@ -25,6 +25,7 @@ from pyrovae.build import (
 from pyrovae.config import Config, load_config
 from pyrovae.data import Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from pyrovae.progress import log, stage
 from pyrovae.runs import (
     CHECKPOINT,
     CONFIG,
@@ -236,7 +237,8 @@ def evaluate_run(
         raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
     if iwae_samples is not None and iwae_samples < 1:
         raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
-    m = final_metrics(run)
+    with stage("test ELBO and reconstruction error"):
+        m = final_metrics(run)
     m.pop("history", None)
     if iwae_samples is None:
         return m
@@ -249,7 +251,7 @@ def evaluate_run(
         )
         return m
     device = next(model.parameters()).device
-    with evaluate.evaluation_mode(model):
+    with evaluate.evaluation_mode(model), stage(f"IWAE log p(x), K={iwae_samples}"):
         ll = evaluate.log_likelihood(
             model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
         )
@@ -268,13 +270,11 @@ def compare(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Train the config's VAE and its autoencoder baseline (same networks) into
     `out_dir/vae` and `out_dir/ae`; return `(name, test metrics)` rows."""
-    import sys
-
     cfg, out = load_config(config), Path(out_dir)
     rows = []
     for kind, name in (("vae", "VAE"), ("ae", f"AE ({cfg.model.variant})")):
         c = cfg.model_copy(deep=True)
         c.model.kind = kind
-        print(f"== training {name}", file=sys.stderr)
+        log.info("training the %s (%s)", name, out / kind)
         rows.append((name, fit(c, out / kind, progress=progress).metrics))
     return rows
