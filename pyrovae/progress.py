@@ -24,7 +24,10 @@ def configure(verbosity: int = 0) -> None:
     """CLI logging: `-1` (--quiet) warnings only and no bars, `0` INFO lines (one per epoch
     or stage), `1` (--verbose) DEBUG as well. Lines are `pyrovae: message` on stderr."""
     log.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
-    if not any(getattr(h, "_pyrovae", False) for h in log.handlers):
+    mine = [h for h in log.handlers if getattr(h, "_pyrovae", False)]
+    if mine:  # configured before (another command in this process): follow the current stderr
+        mine[0].setStream(sys.stderr)
+    else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("pyrovae: %(message)s"))
         handler._pyrovae = True  # type: ignore[attr-defined]

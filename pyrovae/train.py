@@ -223,7 +223,9 @@ class Trainer:
                     raise NonFiniteLoss(self.epoch, s, value)
                 mean = value / n_pending
                 total, count, pending, n_pending = total + value, count + n_pending, None, 0
-                bar.set_postfix({"elbo": f"{-mean:.2f}"} if self.is_vae else {"loss": f"{mean:.2f}"})
+                if bar.disable is False:  # redrawn at tqdm's own pace, not per step
+                    post = {"elbo": f"{-mean:.2f}"} if self.is_vae else {"loss": f"{mean:.2f}"}
+                    bar.set_postfix(post, refresh=False)
             if stopping:
                 return total / max(count, 1), False
         return total / max(count, 1), True
