@@ -20,6 +20,7 @@ from pyrovae.config import Config, load_config
 from pyrovae.data import DataConfig, Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from pyrovae.model import VAE
+from pyrovae.registry import load_plugin
 from pyrovae.runs import Run, load_run
 from pyrovae.workflow import compare, evaluate_run, fit
 
@@ -38,6 +39,7 @@ __all__ = [
     "fit",
     "load_config",
     "load_data",
+    "load_plugin",
     "load_run",
     "ConfigError",
     "DataError",

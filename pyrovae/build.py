@@ -2,23 +2,79 @@
 
 from __future__ import annotations
 
+import math
+
+import pyro
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from pyrovae.autoencoder import AutoEncoder
 from pyrovae.config import Config
 from pyrovae.data import Dataset
 from pyrovae.errors import ConfigError, DataError
-from pyrovae.model import VAE
+from pyrovae.model import MODELS, VAE
+
+DATA_PLATE = "data"
 
 
-def build_model(config: Config, data_shape: tuple[int, ...]) -> VAE | AutoEncoder:
+def build_model(config: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
     """The network `config.model` describes, for data points of shape `data_shape`.
 
     A `ConfigError` names the block that cannot be built for this data (e.g.
-    `model.encoder: kind = "conv" needs image data ...`).
+    `model.encoder: kind = "conv" needs image data ...`). A plugin model is built as
+    `Class(options)` from its validated `[model.options]`; pyrovae sets its `data_shape` and
+    `data_dim` attributes (the flat batches it is given have shape `(B, data_dim)`).
     """
-    cls = VAE if config.model.kind == "vae" else AutoEncoder
+    kind = config.model.kind
+    if kind in MODELS:
+        try:
+            model = MODELS[kind](config.model.options)
+        except Exception as e:  # noqa: BLE001 - the user's constructor failed: one line
+            raise ConfigError(
+                f"model.kind = {kind!r}: building the model from model.options raised "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+        model.data_shape, model.data_dim = tuple(data_shape), math.prod(data_shape)
+        return model
+    cls = VAE if kind == "vae" else AutoEncoder
     return cls(config.model, tuple(data_shape))
+
+
+def is_plugin_model(model: torch.nn.Module) -> bool:
+    return not isinstance(model, (VAE, AutoEncoder))
+
+
+def check_program(model: torch.nn.Module, x: torch.Tensor, key: str = "model.kind") -> None:
+    """A plugin model's Pyro program, run once on a batch `x`: every sample site of `model`
+    and `guide` must be inside `pyro.plate("data")` over the batch, so that the trainer's N/B
+    scaling is unbiased (global latent variables are not supported); `ConfigError` naming
+    the site otherwise, or naming the method that failed to run."""
+    name = type(model).__name__
+    for method in ("model", "guide"):
+        if not callable(getattr(model, method, None)):
+            raise ConfigError(f"{key}: {name} has no {method}(x) method; expected a Pyro {method}")
+    with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
+        try:
+            guide = poutine.trace(model.guide).get_trace(x)
+            prog = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(x)
+        except Exception as e:  # noqa: BLE001 - the user's program failed: one line
+            raise ConfigError(
+                f"{key}: running {name}.model/guide on a batch of shape {tuple(x.shape)} raised "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+    for where, trace in (("guide", guide), ("model", prog)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+            if not frames or frames[0].size != x.shape[0]:
+                raise ConfigError(
+                    f"{key}: sample site {site['name']!r} of {name}.{where} is not inside "
+                    f'pyro.plate("{DATA_PLATE}", x.shape[0]): the trainer scales each minibatch '
+                    "by N/B, which is unbiased only for per-datapoint sites; put every sample "
+                    "site in that plate (global latent variables are not supported)"
+                )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,9 +88,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_data_for_model(model: VAE | AutoEncoder, data: Dataset, source: str) -> None:
+def check_data_for_model(model: torch.nn.Module, data: Dataset, source: str) -> None:
     """Check the data's point shape against the model's, and every split against the
-    likelihood's support, once, before any training or evaluation (`DataError` naming `source`)."""
+    likelihood's support, once, before any training or evaluation (`DataError` naming `source`).
+    A plugin model has no `likelihood` object: its program runs on every split with Pyro's
+    validation on, and a rejected value is a `DataError` naming the split and the site."""
     if tuple(model.data_shape) != tuple(data.shape):
         raise DataError(
             f"{source}: expected data points of shape {tuple(model.data_shape)} "
@@ -45,4 +103,22 @@ def check_data_for_model(model: VAE | AutoEncoder, data: Dataset, source: str) -
     if data.binarize != "dynamic":  # dynamic batches are Bernoulli draws, in {0,1} by construction
         splits = {"training": data.x_train, **splits}
     for split, x in splits.items():
-        model.likelihood.check_data(x, f"{source} ({split} split)")
+        if hasattr(model, "likelihood") and hasattr(model.likelihood, "check_data"):
+            model.likelihood.check_data(x, f"{source} ({split} split)")
+        else:
+            _validate_program(model, x, f"{source} ({split} split)")
+
+
+def _validate_program(model: torch.nn.Module, x: torch.Tensor, source: str) -> None:
+    device = next(model.parameters(), torch.empty(0)).device
+    with torch.no_grad(), poutine.block(), pyro.validation_enabled(True):
+        for xb in x.split(4096):
+            try:
+                guide = poutine.trace(model.guide).get_trace(xb.to(device))
+                trace = poutine.trace(poutine.replay(model.model, trace=guide)).get_trace(
+                    xb.to(device)
+                )
+                trace.compute_log_prob()
+            except ValueError as e:
+                detail = " ".join(str(e).split())[:300]
+                raise DataError(f"{source}: the model rejects the data: {detail}") from None

@@ -91,7 +91,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if config is None and args.set:  # --resume --set train.epochs=N: edit the stored config
         config = Path(args.out) / "config.toml"
     run = fit(
-        _config_with_overrides(config, args.set) if config else None, args.out, resume=args.resume
+        _config_with_overrides(config, args.set) if config else None,
+        args.out,
+        resume=args.resume,
+        progress=False if args.quiet else None,
+        accept_plugin_changes=args.accept_plugin_changes,
     )
     if run.interrupted:
         print(
@@ -106,9 +110,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         print(
             f"test ELBO: {m['test_elbo']:.3f} nats per datapoint ({m['test_points']} test points, 1 sample each)"
         )
-    print(
-        f"test reconstruction error: {m['test_reconstruction_error']:.4f} (sum of squared errors per datapoint)"
-    )
+    if m.get("test_reconstruction_error") is not None:
+        print(
+            f"test reconstruction error: {m['test_reconstruction_error']:.4f} (sum of squared errors per datapoint)"
+        )
     print(f"run folder: {run.dir}")
     return 0
 
@@ -123,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pyrovae.runs import load_run
     from pyrovae.workflow import evaluate_run
 
-    run = load_run(args.run_dir, data=True)
+    run = load_run(args.run_dir, data=True, accept_plugin_changes=args.accept_plugin_changes)
     m = evaluate_run(run, args.iwae_samples)
     if args.json:
         print(json.dumps(m, indent=2))
@@ -142,11 +147,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise PyroVAEError(f"-n must be at least 1; got {args.n}")
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, accept_plugin_changes=args.accept_plugin_changes)
     model = run.model
     torch.manual_seed(args.seed)
     if isinstance(model, VAE):
         x, title = model.sample(args.n), "E[x|z], z ~ p(z)"
+    elif not hasattr(model, "decode_prior_draws"):  # a plugin model
+        if not callable(getattr(model, "sample", None)):
+            raise PyroVAEError(
+                f"{args.run_dir}: the model {type(model).__name__} ({run.config.model.kind}) has "
+                "no sample(n) method, so pyrovae cannot draw from it; add one returning an "
+                "(n, D) tensor"
+            )
+        with torch.no_grad():
+            x, title = model.sample(args.n), f"samples of {type(model).__name__}"
     else:
         x, title = (
             model.decode_prior_draws(args.n, torch.Generator().manual_seed(args.seed)),
@@ -188,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  pyrovae compare examples/configs/digits_vae.toml --out runs/demo\n  pyrovae fit CONFIG --out runs/vae\n  pyrovae evaluate runs/vae --json\n  pyrovae sample runs/vae -n 64 --out samples.png\n\nRun 'pyrovae COMMAND --help' for each command's options.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.set_defaults(plugin=[], accept_plugin_changes=False, quiet=False, verbose=False)
     raw = argparse.RawDescriptionHelpFormatter
 
     f = sub.add_parser(
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
+    _plugin_args(f)
     f.set_defaults(func=_cmd_fit)
 
     e = sub.add_parser(
@@ -219,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="also estimate log p(x) by importance sampling with K samples (the IWAE bound)",
     )
+    _plugin_args(e)
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser(
@@ -228,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--out", required=True, help="output .png (image grid) or .npy")
     s.add_argument("--seed", type=int, default=0)
+    _plugin_args(s)
     s.set_defaults(func=_cmd_sample)
 
     c = sub.add_parser(
@@ -241,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--out", required=True)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _plugin_args(c, accept=False)
     c.set_defaults(func=_cmd_compare)
 
     import importlib
@@ -250,8 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add_args, handler, help_) in registered.items():
         x = sub.add_parser(name, help=help_, formatter_class=raw)
         add_args(x)
+        _plugin_args(x)
         x.set_defaults(func=handler)
     return p
+
+
+def _plugin_args(parser: argparse.ArgumentParser, accept: bool = True) -> None:
+    """Options every command has: plugins, and how much it says on stderr."""
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or log lines, only errors"
+    )
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug log lines as well")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="import a Python file of plugins (priors, likelihoods, networks, guides, models) "
+        "first (repeatable); plugins named 'package.module:Class' come from the environment",
+    )
+    if accept:
+        parser.add_argument(
+            "--accept-plugin-changes",
+            action="store_true",
+            help="load a run whose plugin source changed since it was trained",
+        )
 
 
 def _load_extensions() -> None:
@@ -271,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from pyrovae.progress import configure
+        from pyrovae.registry import load_plugin
+
+        configure(-1 if args.quiet else (1 if args.verbose else 0))
+        for path in args.plugin:
+            load_plugin(path)
         return int(args.func(args) or 0)
     except PyroVAEError as e:
         msg = str(e).replace("\n", "\n  ")

@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=50,
         help="test points for the amortization gap (0: skip; default 50)",
     )
+    p.add_argument(
+        "--iwae-points",
+        type=int,
+        default=2000,
+        help="test points for the IWAE log-likelihood and the ELBO (0: all; default 2000)",
+    )
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -72,6 +78,7 @@ def _check(args: argparse.Namespace) -> None:
         ("max_points", 2),
         ("gap_points", 0),
         ("chains", 1),
+        ("iwae_points", 0),
     ):
         v = getattr(args, name)
         if v < low:
@@ -117,21 +124,28 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from pyrovae.runs import load_run
 
     _check(args)
-    run = load_run(args.run_dir, data=True)
-    diag = diagnose_run(
-        run,
+    from pyrovae.diagnostics import DiagnoseOptions, plan
+    from pyrovae.progress import log, stage
+
+    run = load_run(args.run_dir, data=True, accept_plugin_changes=args.accept_plugin_changes)
+    options = DiagnoseOptions(
         points=args.points,
         iwae_samples=args.iwae_samples,
+        iwae_points=args.iwae_points or None,
         khat_samples=args.khat_samples,
         max_points=args.max_points,
         gap_points=args.gap_points,
         chains=args.chains,
         seed=args.seed,
     )
+    if hasattr(run.model, "guide") and log.isEnabledFor(20):
+        log.info("%s", plan(run, options))
+    diag = diagnose_run(run, options)
     if args.report:
         from pyrovae.report import write_report
 
-        path = write_report(diag, args.report)
+        with stage("report and figures"):
+            path = write_report(diag, args.report)
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(diag.results, indent=2))

@@ -11,15 +11,24 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from pyrovae.data import DataConfig
 from pyrovae.errors import ConfigError
 from pyrovae.guides import GUIDES
 from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.model import MODELS
 from pyrovae.networks import MLP, NETWORKS
 from pyrovae.priors import PRIORS
 
@@ -36,7 +45,11 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """`[model]`: what p(x|z)p(z) and q(z|x) are (or the deterministic autoencoder)."""
 
-    kind: Literal["vae", "ae"] = "vae"
+    #: `vae`, `ae`, or a whole Pyro model of the user's: `"package.module:ClassName"` or the
+    #: short name of a registered model plugin (its options in `[model.options]`)
+    kind: str = "vae"
+    #: a plugin model's options, validated by its `Spec` (built-in kinds take none)
+    options: Optional[dict[str, Any]] = None  # noqa: UP045
     latent_dim: int = Field(2, ge=1)
     encoder: NetworkSpec = MLP.Spec(hidden=[256, 128])
     decoder: NetworkSpec = MLP.Spec(hidden=[128, 256])
@@ -47,6 +60,30 @@ class ModelConfig(_Section):
     variant: Literal["deep", "linear", "overcomplete", "denoising"] = "deep"
     #: autoencoder `denoising` variant: std of the Gaussian noise added to inputs while training
     noise: float = Field(0.3, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("kind"), str):
+            kind, options = data["kind"], data.get("options")
+            if kind in MODELS and (options is None or isinstance(options, dict)):
+                data = {**data, "options": {**(options or {}), "kind": kind}}
+            elif kind in ("vae", "ae") and options:
+                raise ValueError(
+                    f"model.options applies to a plugin model; model.kind = {kind!r} takes its "
+                    "options from the other [model] keys"
+                )
+        return data
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in ("vae", "ae") and kind not in MODELS:
+            plugins = "".join(f", {k!r}" for k in MODELS.kinds())
+            raise ValueError(
+                f"expected 'vae', 'ae'{plugins} or a model plugin 'package.module:ClassName'"
+            )
+        return kind
 
 
 class TrainConfig(_Section):
@@ -96,14 +133,14 @@ class Config(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude_none=True)
 
     def to_toml(self) -> str:
         """The resolved config as TOML text (what a run folder's `config.toml` holds)."""
         return tomli_w.dumps(self.to_dict())
 
 
-_BLOCKS = ("prior", "likelihood", "encoder", "decoder", "guide")
+_BLOCKS = ("prior", "likelihood", "encoder", "decoder", "guide", "options")
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -121,7 +158,7 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, root: type) -> str:
     lines = []
     for e in err.errors():
         loc = _clean_loc(e["loc"])
@@ -132,7 +169,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"missing 'kind' (allowed: {', '.join(kinds)})"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-            allowed = _allowed_keys(loc[:-1])
+            allowed = _allowed_keys(loc[:-1], root)
             if allowed:
                 msg += f" (allowed: {', '.join(allowed)})"
         got = e.get("input")
@@ -141,13 +178,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 
 
-def _allowed_keys(path: tuple) -> list[str]:
-    model: Any = Config
+def _allowed_keys(path: tuple, root: type) -> list[str]:
+    model: Any = root
     prev: Any = None
     for part in path:
         if isinstance(part, str) and part.startswith("<"):
             kind = part[1:-1]
-            model = next((r[kind].Spec for r in _REG_BY_BLOCK[prev] if kind in r.kinds()), None)
+            model = next((r.spec(kind) for r in _REG_BY_BLOCK[prev] if kind in r.kinds()), None)
         elif (
             isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields
         ):
@@ -167,7 +204,61 @@ _REG_BY_BLOCK = {
     "encoder": (NETWORKS,),
     "decoder": (NETWORKS,),
     "guide": (GUIDES,),
+    "options": (MODELS,),
 }
+
+#: the blocks of `[model]` whose `kind` may name a plugin, and their registries
+_PLUGGABLE = {
+    "prior": PRIORS,
+    "likelihood": LIKELIHOODS,
+    "encoder": NETWORKS,
+    "decoder": NETWORKS,
+    "guide": GUIDES,
+}
+_SCHEMAS: dict[tuple[int, ...], type[Config]] = {}
+
+
+def config_class() -> type[Config]:
+    """`Config` with every registered building block, plugins included (a subclass of
+    `Config`, rebuilt when a registry gains a class)."""
+    key = tuple(r.version for r in (PRIORS, LIKELIHOODS, NETWORKS, GUIDES, MODELS))
+    if key not in _SCHEMAS:
+        base = ModelConfig.model_fields
+        fields: dict[str, Any] = {
+            name: (reg.spec_type(), base[name].default) for name, reg in _PLUGGABLE.items()
+        }
+        if MODELS.kinds():
+            fields["options"] = (Optional[MODELS.spec_type()], None)  # noqa: UP045
+        model = create_model("ModelConfig", __base__=ModelConfig, **fields)
+        _SCHEMAS[key] = create_model("Config", __base__=Config, model=(model, model()))
+    return _SCHEMAS[key]
+
+
+def resolve_plugins(raw: dict[str, Any]) -> None:
+    """Import the plugins a raw config names (`kind = "package.module:ClassName"` or an
+    entry-point name) so that validation knows them; `ConfigError` naming the key if one
+    cannot be imported or is not a valid plugin."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return
+    for block, registry in _PLUGGABLE.items():
+        entry = model.get(block)
+        if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
+            registry.resolve(entry["kind"], f"model.{block}.kind")
+    kind = model.get("kind")
+    if isinstance(kind, str) and kind not in ("vae", "ae"):
+        MODELS.resolve(kind, "model.kind")
+
+
+def plugins_used(cfg: Config) -> list[dict[str, Any]]:
+    """The plugins a validated config uses: key, kind, where it came from, source SHA-256."""
+    out = []
+    entries = [(f"model.{b}", getattr(cfg.model, b).kind, r) for b, r in _PLUGGABLE.items()]
+    entries.append(("model", cfg.model.kind, MODELS))
+    for key, kind, registry in entries:
+        if kind in registry.origin:
+            out.append({"key": key, "kind": kind, **registry.origin[kind]})
+    return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -252,9 +343,14 @@ def load_config(
     raw = apply_overrides(raw, list(overrides or []))
     raw = _drop_retired_keys(raw, name)
     try:
-        cfg = Config.model_validate(raw)
+        resolve_plugins(raw)
+    except ConfigError as e:
+        raise ConfigError(f"invalid config ({name}):\n  {e}") from None
+    schema = config_class()
+    try:
+        cfg = schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, name)) from None
+        raise ConfigError(_format_validation_error(e, name, schema)) from None
     bad = [
         (k, v) for k, v in _leaves(cfg.to_dict()) if isinstance(v, float) and not math.isfinite(v)
     ]

@@ -71,6 +71,7 @@ from pyrovae.evaluate import (
     trace_log_prob,
     vectorized_traces,
 )
+from pyrovae.progress import bar, log, show_bars
 
 if TYPE_CHECKING:
     import arviz as az
@@ -121,6 +122,7 @@ def log_weights_chunked(
     """All log weights `(num_samples, N)`, computed in chunks of about `max_rows` rows."""
     b = max(1, min(x.shape[0], max_rows // num_samples))
     out = []
+    progress = bar(total=x.shape[0], desc=f"PSIS log weights, K={num_samples}", unit="pt")
     for xb in x.split(b):
         k_chunk = max(1, max_rows // xb.shape[0])
         parts = [
@@ -128,6 +130,8 @@ def log_weights_chunked(
             for s in range(0, num_samples, k_chunk)
         ]
         out.append(torch.cat(parts, 0))
+        progress.update(xb.shape[0])
+    progress.close()
     return torch.cat(out, 1)
 
 
@@ -464,7 +468,7 @@ def _run_nuts(
         num_samples=num_samples,
         warmup_steps=warmup_steps,
         num_chains=1,
-        disable_progbar=True,
+        disable_progbar=not show_bars(),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -732,7 +736,7 @@ def _optimize_local(
     opt = torch.optim.Adam(fam.params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr / 20)
     local = fam.guide(site)
-    for _ in range(steps):
+    for _ in bar(range(steps), desc="amortization gap: fitting q* per point", unit="step"):
         loss = -log_weights_with_grad(model, local, x, num_particles).mean(0).sum()
         grads = torch.autograd.grad(
             loss, fam.params
@@ -852,7 +856,9 @@ class DiagnoseOptions:
 
     Attributes:
         points: datapoints for NUTS (0 skips NUTS).
-        iwae_samples: K of the IWAE log-likelihood on the whole test split.
+        iwae_samples: K of the IWAE log-likelihood.
+        iwae_points: test points for the IWAE log-likelihood and the ELBO (a seeded subset;
+            `None`: the whole test split).
         khat_samples: importance samples per datapoint for PSIS k-hat.
         max_points: cap on datapoints for the decomposition, k-hat and I(x;z) (a seeded subset).
         gap_points: datapoints for the amortization gap (0 skips it).
@@ -865,6 +871,7 @@ class DiagnoseOptions:
 
     points: int = 4
     iwae_samples: int = 1000
+    iwae_points: int | None = 2000
     khat_samples: int = 1000
     max_points: int = 1000
     gap_points: int = 50
@@ -885,18 +892,77 @@ def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: 
     """
     from dataclasses import replace
 
-    from pyrovae.model import VAE
-
     o = replace(options or DiagnoseOptions(), **overrides)
     if run.data is None:
         raise DiagnosticsError("diagnose_run needs the run's data: load_run(dir, data=True)")
     device = next(run.model.parameters()).device
     x_all = run.data.x_test.to(device)
     pyro.set_rng_seed(o.seed)
-    if not isinstance(run.model, VAE):
+    if not hasattr(run.model, "guide"):  # the autoencoder baseline
         return _diagnose_ae(run, x_all)
     with evaluation_mode(run.model), frozen_parameters(run.model):
         return _diagnose_vae(run, run.model, x_all, o)
+
+
+def estimate_seconds(run: Run, options: DiagnoseOptions | None = None) -> dict[str, float]:
+    """Rough seconds per stage of `diagnose_run` on this machine, from the sizes and one
+    timed probe of the model and guide (64 test points x 256 samples, the best of two)."""
+    o = options or DiagnoseOptions()
+    m, x = run.model, run.data.x_test.to(next(run.model.parameters()).device)
+    n = x.shape[0]
+    probe = x[: min(64, n)]
+    def best(fn, repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return max(min(times), 1e-6)
+
+    small = x[: max(1, min(n, o.points * o.chains))]
+    with evaluation_mode(m), torch.no_grad():
+        log_weights(m.model, m.guide, probe, 4)  # warm-up
+        rate = probe.shape[0] * 256 / best(lambda: log_weights(m.model, m.guide, probe, 256), 2)
+        call = best(lambda: log_weights(m.model, m.guide, small, 1))  # NUTS's unit of work
+    ni = n if o.iwae_points is None else min(n, o.iwae_points)
+    nm = min(n, o.max_points)
+    est = {
+        "decomposition": nm * 40 / rate,
+        "psis": nm * o.khat_samples / rate,
+        "log_likelihood": ni * (o.iwae_samples + 1) / rate,
+    }
+    if o.points > 0:  # calibrated: a JIT-compiled NUTS step costs ~2.5 unjitted model+guide calls
+        est["nuts"] = (o.nuts_samples + o.nuts_warmup) * 2.5 * call
+    if o.gap_points > 0:
+        rows = o.gap_points * (3 * o.gap_steps * o.gap_particles + 2000 + o.iwae_samples)
+        est["amortization_gap"] = rows / rate
+    return est
+
+
+def plan(run: Run, options: DiagnoseOptions | None = None) -> str:
+    """What `diagnose_run` will run, with a rough duration each, and the options to change it."""
+    o = options or DiagnoseOptions()
+    n = run.data.x_test.shape[0]
+    est = estimate_seconds(run, o)
+    ni = n if o.iwae_points is None else min(n, o.iwae_points)
+    what = {
+        "decomposition": f"ELBO decomposition and I(x;z) on {min(n, o.max_points)} test points",
+        "psis": f"PSIS k-hat with {o.khat_samples} samples on {min(n, o.max_points)} points",
+        "log_likelihood": f"IWAE log p(x) with K={o.iwae_samples} on {ni} of {n} test points",
+        "nuts": f"NUTS, {o.chains} chains x {o.nuts_warmup}+{o.nuts_samples} steps, {o.points} points",
+        "amortization_gap": f"amortization gap on {o.gap_points} points ({o.gap_steps} steps)",
+    }
+    lines = [f"  {what[k]}: ~{_duration(v)}" for k, v in est.items()]
+    return (
+        f"diagnose will run (about {_duration(sum(est.values()))} in all, rough):\n"
+        + "\n".join(lines)
+        + "\n  faster: --iwae-samples 200 --points 0 --gap-points 0; further: --iwae-samples 5000 "
+        "--iwae-points 0 (every test point) --points 16 --max-points 5000"
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 @contextmanager
@@ -921,33 +987,38 @@ class _Clock:
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name], self.t = now - self.t, now
+        log.info("%s: done in %.1f s", name.replace("_", " "), self.laps[name])
 
 
 def _estimates(vae, x_all: torch.Tensor, x: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
-    ll_mean, ll_se = mean_and_se(log_likelihood(vae.model, vae.guide, x_all, o.iwae_samples))
-    el_mean, el_se = mean_and_se(elbo(vae.model, vae.guide, x_all, 1, batch_size=1024))
+    xi = _subset(x_all, o.iwae_points, o.seed + 3)
+    ll_mean, ll_se = mean_and_se(log_likelihood(vae.model, vae.guide, xi, o.iwae_samples))
+    el_mean, el_se = mean_and_se(elbo(vae.model, vae.guide, xi, 1, batch_size=1024))
     return {
-        "elbo": {"mean": el_mean, "se": el_se, "particles": 1},
+        "elbo": {"mean": el_mean, "se": el_se, "particles": 1, "points": int(xi.shape[0])},
         "log_likelihood": {
             "mean": ll_mean,
             "se": ll_se,
             "samples": o.iwae_samples,
+            "points": int(xi.shape[0]),
             "estimator": "importance sampling (IWAE bound), proposal q(z|x)",
         },
         "bound_gap": ll_mean - el_mean,
-        "reconstruction_error": float(reconstruction_error(vae, x_all).mean()),
+        "reconstruction_error": (
+            float(reconstruction_error(vae, xi).mean()) if hasattr(vae, "reconstruct") else None
+        ),
     }
 
 
 def _nuts_section(vae, x_all: torch.Tensor, o: DiagnoseOptions) -> tuple[dict[str, Any], Any]:
     ids = _pick_points(x_all.shape[0], o.points, o.seed)
     xs = x_all[ids]
+    site, _ = _plain_guide_site(vae.guide, xs)
+    args = (vae.model, xs, o.nuts_samples, o.nuts_warmup, o.chains)
     try:
-        nuts = nuts_posterior(
-            vae.model, xs, o.nuts_samples, o.nuts_warmup, o.chains, seed=o.seed, jit=True
-        )
+        nuts = nuts_posterior(*args, site=site, seed=o.seed, jit=True)
     except Exception:  # noqa: BLE001 - some models do not trace (e.g. flows, pyro #3132): no JIT then
-        nuts = nuts_posterior(vae.model, xs, o.nuts_samples, o.nuts_warmup, o.chains, seed=o.seed)
+        nuts = nuts_posterior(*args, site=site, seed=o.seed)
     idata = to_inference_data(
         vae.guide, xs, o.nuts_samples * o.chains, mcmc_draws=nuts.z, point_ids=ids
     )
@@ -978,9 +1049,12 @@ def _diagnose_vae(run: Run, vae, x_all: torch.Tensor, o: DiagnoseOptions) -> Dia
         "binarize": run.config.data.binarize,
         "points": int(x_all.shape[0]),
         "units": "nats per datapoint (ELBO and log-likelihood: higher is better)",
-        "model": {k: getattr(vae.config, k).kind for k in ("prior", "likelihood", "guide")},
     }
-    res["model"]["latent_dim"] = vae.latent_dim
+    if run.config.model.kind == "vae":
+        res["model"] = {k: getattr(vae.config, k).kind for k in ("prior", "likelihood", "guide")}
+    else:
+        res["model"] = {"kind": run.config.model.kind}
+    res["model"]["latent_dim"] = dec.latent_dim
     res.update(_estimates(vae, x_all, x, o))
     clock.lap("log_likelihood")
     res["decomposition"] = dec.to_dict()

@@ -208,8 +208,11 @@ def log_likelihood(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    from pyrovae.progress import bar
+
     b, k = _chunks(num_samples, x.shape[0], batch_size, max_rows)
     out = []
+    progress = bar(total=x.shape[0], desc=f"log p(x), K={num_samples}", unit="pt")
     for xb in x.split(b):
         acc = torch.full((xb.shape[0],), -math.inf, dtype=torch.float64)
         done = 0
@@ -222,6 +225,8 @@ def log_likelihood(
             acc = torch.logaddexp(acc, torch.logsumexp(lw, 0).cpu())
             done += kc
         out.append(acc - math.log(num_samples))
+        progress.update(xb.shape[0])
+    progress.close()
     return torch.cat(out).to(x.dtype if x.is_floating_point() else torch.get_default_dtype())
 
 

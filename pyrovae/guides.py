@@ -23,7 +23,7 @@ from torch.nn.functional import softplus
 from pyrovae.networks import build_network
 from pyrovae.registry import Registry, Spec
 
-GUIDES: Registry[Guide] = Registry("guide")
+GUIDES: Registry[Guide] = Registry("guide", group="pyrovae.guides")
 
 
 class Guide(nn.Module):
@@ -48,6 +48,9 @@ class Guide(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dist.TorchDistribution:  # pragma: no cover
         raise NotImplementedError
+
+
+GUIDES.base = Guide
 
 
 @GUIDES.register

@@ -29,7 +29,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 from pyrovae.errors import DataError
 from pyrovae.registry import Registry, Spec
 
-LIKELIHOODS: Registry[Likelihood] = Registry("likelihood")
+LIKELIHOODS: Registry[Likelihood] = Registry("likelihood", group="pyrovae.likelihoods")
 
 #: a fixed positive observation scale, or "learned" (one learned scale per feature)
 Scale = Annotated[float, Field(gt=0)] | Literal["learned"]
@@ -89,6 +89,9 @@ class _Binary(Likelihood):
             raise DataError(
                 f"{source}: the bernoulli likelihood needs values in {{0, 1}}; found {_describe(x, bad)}.{hint}"
             )
+
+
+LIKELIHOODS.base = Likelihood
 
 
 @LIKELIHOODS.register

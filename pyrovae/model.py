@@ -41,8 +41,14 @@ from pyrovae.guides import build_guide
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.networks import build_network
 from pyrovae.priors import build_prior
+from pyrovae.registry import Registry
 
 _ids = itertools.count()
+
+#: whole Pyro models of the user's (`[model] kind = "package.module:ClassName"`): an `nn.Module`
+#: built as `Class(spec)` from its validated `Spec`, with Pyro `model(x)` and `guide(x)` methods
+#: whose per-datapoint sample sites are inside `pyro.plate("data")` (docs: Extending pyrovae)
+MODELS: Registry[nn.Module] = Registry("model", group="pyrovae.models", base=nn.Module)
 
 
 class VAE(nn.Module):

@@ -30,7 +30,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
 }
 
-NETWORKS: Registry[nn.Module] = Registry("network")
+NETWORKS: Registry[nn.Module] = Registry("network", group="pyrovae.networks", base=nn.Module)
 
 
 @NETWORKS.register

@@ -23,8 +23,11 @@ from collections.abc import Callable
 
 import pyro.infer
 import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
 from pyrovae.evaluate import trace_log_prob, vectorized_traces
+from pyrovae.model import VAE
 
 #: every built-in pyrovae model has one plate ("data"); particles go to the dim left of it
 MAX_PLATE_NESTING = 1
@@ -106,6 +109,52 @@ def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.inf
     )
 
 
+class LatentScale(Messenger):
+    """β on the latent sample sites only (observed sites keep weight 1): what
+    `poutine.scale(beta)` around `pyro.sample("z", ...)` does inside `pyrovae.VAE`, for a
+    program whose latent sites the caller does not know by name. β = 0 masks them."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            if self.beta == 0.0:
+                msg["mask"] = False
+            else:
+                msg["scale"] = self.beta * msg["scale"]
+
+
+def data_program(fn: Callable) -> Callable:
+    r"""`fn(x)` (a user's Pyro model or guide over a whole batch in `pyro.plate("data")`)
+    as `program(x, n_data, beta)`, the signature of `pyrovae.VAE.model`.
+
+    A minibatch of $B$ of $N$ points is scored with every site scaled by $N/B$
+    (`poutine.scale`): for sites that are all per-datapoint (inside the data plate, which
+    `pyrovae.build.check_program` verifies) the loss is then an unbiased estimate of the
+    full-data negative ELBO, $E_{	ext{batch}}[rac{N}{B}\sum_{b} \ell(x_b)] = \sum_{n} \ell(x_n)$,
+    exactly what a subsampled `pyro.plate("data", N, subsample=...)` gives. β scales the latent
+    sites (`LatentScale`).
+    """
+
+    def program(x: torch.Tensor, n_data: int | None = None, beta: float = 1.0):
+        scale = 1.0 if n_data is None else n_data / x.shape[0]
+        with poutine.scale(scale=scale), LatentScale(beta):
+            return fn(x)
+
+    program.__name__ = getattr(fn, "__name__", "program")
+    return program
+
+
+def programs(model: torch.nn.Module) -> tuple[Callable, Callable]:
+    """`(model, guide)` with the signature `(x, n_data=None, beta=1.0)`: a `pyrovae.VAE`'s
+    own methods, or a plugin model's wrapped by `data_program`."""
+    if isinstance(model, VAE):
+        return model.model, model.guide
+    return data_program(model.model), data_program(model.guide)
+
+
 #: `loss(x, n_data, beta, generator)`: the loss per datapoint of a minibatch `x` of `n_data`
 Loss = Callable[[torch.Tensor, int, float, "torch.Generator | None"], torch.Tensor]
 
@@ -113,17 +162,18 @@ Loss = Callable[[torch.Tensor, int, float, "torch.Generator | None"], torch.Tens
 def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) -> Loss:
     r"""The training loss per datapoint for `model`, as the trainer calls it.
 
-    A VAE (anything with Pyro `model`/`guide` methods): the chosen ELBO's
-    `differentiable_loss(model.model, model.guide, x, N, beta) / N`, the negative (β-)ELBO
-    estimate in nats per datapoint. The autoencoder baseline (no Pyro program): its own
+    A VAE (anything with Pyro `model`/`guide` methods, see `programs`): the chosen ELBO's
+    `differentiable_loss(model, guide, x, N, beta) / N`, the negative (β-)ELBO estimate in
+    nats per datapoint. The autoencoder baseline (no Pyro program): its own
     reconstruction loss `model.loss(x, generator)`.
     """
     if not hasattr(model, "guide"):
         return lambda x, n_data, beta, gen: model.loss(x, gen)
     elbo = make_elbo(objective, num_particles)
+    model_fn, guide_fn = programs(model)
 
     def loss(x: torch.Tensor, n_data: int, beta: float, gen=None) -> torch.Tensor:
-        return elbo.differentiable_loss(model.model, model.guide, x, n_data, beta) / n_data
+        return elbo.differentiable_loss(model_fn, guide_fn, x, n_data, beta) / n_data
 
     loss.elbo = elbo  # type: ignore[attr-defined]
     return loss

@@ -86,7 +86,7 @@ def latent_scatter(model, x: torch.Tensor, y: torch.Tensor | None, path: Path, t
 def loss_curves(history: list[dict], path: Path, kind: str) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ep = [h["epoch"] for h in history]
-    if kind == "vae":
+    if kind != "ae":
         ax.plot(ep, [h["train_elbo"] for h in history], label="train ELBO (β-weighted)")
         if any(h["val_elbo"] is not None for h in history):  # None: no validation split
             ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO")
@@ -108,20 +108,24 @@ def run_figures(run: Run, out: Path) -> list[Path]:
     x = data.x_test[:2000].to(device)
     y = data.y_test[:2000] if data.y_test is not None else None
     model.eval()
-    paths = [loss_curves(run.history, out / "loss_curves.png", run.config.model.kind)]
-    paths.append(
-        latent_scatter(
-            model,
-            x,
-            y,
-            out / "latent_scatter.png",
-            f"{run.config.model.kind.upper()} codes of test data",
+    kind = run.config.model.kind
+    paths = [loss_curves(run.history, out / "loss_curves.png", kind)]
+    if hasattr(model, "encode"):
+        paths.append(
+            latent_scatter(
+                model, x, y, out / "latent_scatter.png", f"{kind.upper()} codes of test data"
+            )
         )
-    )
     if _is_image(data.shape):
-        paths.append(reconstructions(model, x, data.shape, out / "reconstructions.png"))
+        if hasattr(model, "reconstruct"):
+            paths.append(reconstructions(model, x, data.shape, out / "reconstructions.png"))
         gen = torch.Generator().manual_seed(0)
-        if run.config.model.kind == "vae":
+        if kind not in ("vae", "ae"):  # a plugin model: samples if it can draw them
+            if callable(getattr(model, "sample", None)):
+                with torch.no_grad():
+                    s = model.sample(64)
+                paths.append(image_grid(s, data.shape, out / "samples.png", f"{kind}: samples"))
+        elif kind == "vae":
             s = model.sample(64)
             paths.append(image_grid(s, data.shape, out / "samples.png", "VAE: E[x|z], z ~ p(z)"))
         else:

@@ -28,7 +28,7 @@ from torch.nn.functional import softplus
 
 from pyrovae.registry import Registry, Spec
 
-PRIORS: Registry[Prior] = Registry("prior")
+PRIORS: Registry[Prior] = Registry("prior", group="pyrovae.priors")
 
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -116,6 +116,9 @@ class DiagonalNormalMixture(dist.MixtureSameFamily):
         log_w = torch.log_softmax(self.mixture_distribution.logits, -1)
         out = torch.logsumexp(lp.to(value.dtype) + log_w, -1)
         return out.expand(torch.broadcast_shapes(out.shape, self.batch_shape))
+
+
+PRIORS.base = Prior
 
 
 @PRIORS.register

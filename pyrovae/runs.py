@@ -39,7 +39,7 @@ import torch
 
 from pyrovae.autoencoder import AutoEncoder
 from pyrovae.build import build_model, check_data_for_model
-from pyrovae.config import Config, load_config
+from pyrovae.config import Config, load_config, plugins_used
 from pyrovae.data import Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, PyroVAEError
 from pyrovae.model import VAE
@@ -188,7 +188,7 @@ def _tensor_dict(v: Any) -> bool:
 
 #: entry -> (check, what it must be), for every entry the trainer and `load_run` read
 _ENTRIES: dict[str, tuple[Any, str]] = {
-    "kind": (lambda v: v in ("vae", "ae"), "'vae' or 'ae'"),
+    "kind": (lambda v: isinstance(v, str) and 0 < len(v) <= 300, "'vae', 'ae' or a plugin model"),
     "config": (lambda v: isinstance(v, dict), "a table (the run's config)"),
     "data_shape": (
         lambda v: (
@@ -256,6 +256,9 @@ def check_state(state: dict[str, Any], path: Path) -> None:
             else:
                 shown = repr(value)
             raise CheckpointError(f"{path}: entry {key!r}: expected {what}, got {shown[:120]}")
+    plugins = state.get("plugins", [])
+    if not (isinstance(plugins, list) and all(isinstance(x, dict) for x in plugins)):
+        raise CheckpointError(f"{path}: entry 'plugins': expected a list of tables, got {plugins!r:.120}")
     for name, t in state["model"].items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(
@@ -271,7 +274,7 @@ class Run:
 
     dir: Path
     config: Config
-    model: VAE | AutoEncoder
+    model: VAE | AutoEncoder | torch.nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     data: Dataset | None = None
@@ -297,6 +300,7 @@ def save_run_checkpoint(
             "kind": config.model.kind,
             "config": config.to_dict(),
             "data_shape": list(data_shape),
+            "plugins": plugins_used(config),
             **trainer_state,
         },
     )
@@ -309,14 +313,38 @@ def first_lines(e: BaseException, n: int = 2, limit: int = 300) -> str:
     return (" ".join(lines) or type(e).__name__)[:limit]
 
 
-def stored_config(state: dict[str, Any], path: Path) -> Config:
-    """The config a checkpoint holds, validated; `CheckpointError` naming `path` if not."""
+def stored_config(
+    state: dict[str, Any], path: Path, accept_plugin_changes: bool = False
+) -> Config:
+    """The config a checkpoint holds, validated; `CheckpointError` naming `path` if not.
+
+    The plugins it names are imported from the Python environment or the files loaded with
+    `pyrovae.load_plugin` (never from the run folder), and each must have the source the run
+    recorded (SHA-256), unless `accept_plugin_changes`.
+    """
+    recorded = state.get("plugins") or []
     try:
         cfg = load_config(state["config"])
     except ConfigError as e:
+        if recorded:
+            names = ", ".join(f"{p['kind']!r} ({p.get('file') or p.get('import')})" for p in recorded)
+            raise CheckpointError(
+                f"{path}: the run uses the plugin(s) {names}; load them first (--plugin FILE, "
+                f"or install the package): {' '.join(str(e).split())}"
+            ) from None
         raise CheckpointError(
             f"{path}: the config stored in the checkpoint is invalid: {e}"
         ) from None
+    now = {p["key"]: p for p in plugins_used(cfg)}
+    for p in recorded:
+        cur = now.get(p.get("key"), {})
+        if p.get("sha256") and cur.get("sha256") != p["sha256"] and not accept_plugin_changes:
+            raise CheckpointError(
+                f"{path}: the plugin {p['kind']!r} ({p['key']}) changed since the run was "
+                f"trained: source SHA-256 {str(p['sha256'])[:12]} then, "
+                f"{str(cur.get('sha256'))[:12]} now ({cur.get('file') or p.get('file')}); pass "
+                "--accept-plugin-changes (accept_plugin_changes=True) to load it anyway"
+            )
     if cfg.model.kind != state["kind"]:
         raise CheckpointError(
             f"{path}: entry 'kind' is {state['kind']!r} but the stored config says "
@@ -325,7 +353,7 @@ def stored_config(state: dict[str, Any], path: Path) -> Config:
     return cfg
 
 
-def load_run(run_dir: str | Path, data: bool = False) -> Run:
+def load_run(run_dir: str | Path, data: bool = False, accept_plugin_changes: bool = False) -> Run:
     """Load a run folder (checkpoint read with `weights_only=True`: no code is executed).
 
     With `data=True` the dataset of the stored config is loaded too and checked against the
@@ -337,7 +365,7 @@ def load_run(run_dir: str | Path, data: bool = False) -> Run:
         raise CheckpointError(f"run folder not found: {d}")
     path = d / CHECKPOINT
     state = load_checkpoint(path)
-    cfg = stored_config(state, path)
+    cfg = stored_config(state, path, accept_plugin_changes)
     shape = tuple(state["data_shape"])
     try:
         model = build_model(cfg, shape)

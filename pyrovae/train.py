@@ -36,6 +36,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import bernoulli
 from pyrovae.errors import TrainingError
 from pyrovae.objectives import kl_scale, make_loss
+from pyrovae.progress import log
 
 #: on CUDA the loss is read on the host once every this many steps (a read waits for the GPU)
 CUDA_SYNC_EVERY = 50
@@ -222,7 +223,9 @@ class Trainer:
                     raise NonFiniteLoss(self.epoch, s, value)
                 mean = value / n_pending
                 total, count, pending, n_pending = total + value, count + n_pending, None, 0
-                bar.set_postfix({"elbo": f"{-mean:.2f}"} if self.is_vae else {"loss": f"{mean:.2f}"})
+                if bar.disable is False:  # redrawn at tqdm's own pace, not per step
+                    post = {"elbo": f"{-mean:.2f}"} if self.is_vae else {"loss": f"{mean:.2f}"}
+                    bar.set_postfix(post, refresh=False)
             if stopping:
                 return total / max(count, 1), False
         return total / max(count, 1), True
@@ -272,12 +275,27 @@ class Trainer:
                 else:
                     row.update(train_loss=loss, val_loss=val)
                 self.history.append(row)
+                self._log(row)
                 self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
                 for cb in self.callbacks:
                     cb.on_epoch_end(self)
                 if self.stop_requested is not None:
                     return False
         return True
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """One `logging` line per epoch (logger `"pyrovae"`, INFO)."""
+        if not log.isEnabledFor(20):
+            return
+        name = "ELBO" if self.is_vae else "loss"
+        train = row["train_elbo"] if self.is_vae else row["train_loss"]
+        val = row["val_elbo"] if self.is_vae else row["val_loss"]
+        log.info(
+            "epoch %d/%d: train %s %.3f, val %s %s, %.2f s, lr %.3g%s",
+            row["epoch"], self.config.epochs, name, train, name,
+            "-" if val is None else f"{val:.3f}", row["epoch_seconds"], row["lr"],
+            f", beta {row['kl_scale']:.3g}" if self.is_vae else "",
+        )
 
     def _recover(self, e: NonFiniteLoss, snap: dict[str, Any]) -> None:
         """Roll back to the epoch's start and lower the learning rate, or give up."""
@@ -291,9 +309,9 @@ class Trainer:
             )
         self._rollback(snap)
         self._set_lr(self.lr * self.config.lr_backoff)
-        tqdm.write(
-            f"pyrovae: non-finite loss at {where}; restored the last good state, retrying with "
-            f"lr={self.lr:.3g} ({self.retries}/{self.config.max_retries})"
+        log.warning(
+            "non-finite loss at %s; restored the last good state, retrying with lr=%.3g (%d/%d)",
+            where, self.lr, self.retries, self.config.max_retries,
         )
 
     @contextlib.contextmanager

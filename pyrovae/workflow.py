@@ -15,11 +15,17 @@ import pyro
 import torch
 
 from pyrovae import evaluate, plots
-from pyrovae.build import build_model, check_data_for_model, resolve_device
+from pyrovae.build import (
+    build_model,
+    check_data_for_model,
+    check_program,
+    is_plugin_model,
+    resolve_device,
+)
 from pyrovae.config import Config, load_config
 from pyrovae.data import Dataset, load_data
 from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
-from pyrovae.model import VAE
+from pyrovae.progress import log, stage
 from pyrovae.runs import (
     CHECKPOINT,
     CONFIG,
@@ -61,13 +67,15 @@ def _first_missing_ancestor(path: Path) -> Path | None:
     return top
 
 
-def _resumed_config(config, out: Path) -> tuple[Config, dict[str, Any] | None]:
+def _resumed_config(
+    config, out: Path, accept_plugin_changes: bool = False
+) -> tuple[Config, dict[str, Any] | None]:
     """The stored config of the run in `out` (with `train.epochs` from `config` if given)
     and its checkpoint state (None if killed before the first checkpoint)."""
     ckpt, state = out / CHECKPOINT, None
     if ckpt.exists():
         state = load_checkpoint(ckpt)
-        stored = stored_config(state, ckpt)
+        stored = stored_config(state, ckpt, accept_plugin_changes)
     elif (out / CONFIG).is_file():  # killed before the first checkpoint: start over
         stored = load_config(out / CONFIG)
     else:
@@ -100,6 +108,7 @@ def fit(
     data: Dataset | None = None,
     figures: bool = True,
     callbacks: Sequence[Callback] = (),
+    accept_plugin_changes: bool = False,
 ) -> Run:
     """Train the model a config describes and write the run folder `out_dir`.
 
@@ -110,6 +119,11 @@ def fit(
     was killed before its first checkpoint, it starts over from `out_dir/config.toml`.
     Temporary files a killed process left in `out_dir` are removed. `callbacks` are passed to
     the `Trainer` (after the one that writes the checkpoint every epoch).
+
+    A plugin model (`[model] kind = "package.module:ClassName"`) is checked first: every sample
+    site of its `model(x)` and `guide(x)` must be inside `pyro.plate("data", len(x))`. Each
+    minibatch of B of the N training points is then scored with every site scaled by N/B
+    (`pyrovae.objectives.data_program`), an unbiased estimate of the full-data ELBO.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -117,7 +131,7 @@ def fit(
     ckpt = out / CHECKPOINT
     state = None
     if resume:
-        cfg, state = _resumed_config(config, out)
+        cfg, state = _resumed_config(config, out, accept_plugin_changes)
     else:
         cfg = load_config(config)
         if ckpt.exists():
@@ -135,6 +149,8 @@ def fit(
         )
     model = build_model(cfg, data.shape)
     check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
+    if is_plugin_model(model):
+        check_program(model, data.x_train[: min(2, len(data.x_train))], f"model.kind = {cfg.model.kind!r}")
     device = resolve_device(cfg.train.device)
 
     created = _first_missing_ancestor(out)
@@ -185,14 +201,15 @@ def final_metrics(run: Run) -> dict[str, Any]:
     x_test = data.x_test.to(device)
     out: dict[str, Any] = {"history": run.history, "units": UNITS, "kind": run.config.model.kind}
     with evaluate.evaluation_mode(model):
-        out["test_reconstruction_error"] = float(
-            evaluate.reconstruction_error(model, x_test).mean()
-        )
+        if hasattr(model, "reconstruct"):
+            out["test_reconstruction_error"] = float(
+                evaluate.reconstruction_error(model, x_test).mean()
+            )
         out["num_parameters"] = sum(p.numel() for p in model.parameters())
         out["train_seconds"] = sum(h["epoch_seconds"] for h in run.history)
         out["test_points"] = int(x_test.shape[0])
         out["binarize"] = run.config.data.binarize
-        if isinstance(model, VAE):
+        if hasattr(model, "guide"):
             out["test_elbo"] = float(
                 evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean()
             )
@@ -220,20 +237,21 @@ def evaluate_run(
         raise ValueError("evaluate_run needs the run's data: load_run(dir, data=True)")
     if iwae_samples is not None and iwae_samples < 1:
         raise PyroVAEError(f"--iwae-samples must be at least 1; got {iwae_samples}")
-    m = final_metrics(run)
+    with stage("test ELBO and reconstruction error"):
+        m = final_metrics(run)
     m.pop("history", None)
     if iwae_samples is None:
         return m
     m.update(log_likelihood_samples=iwae_samples, log_likelihood_split="test")
     model = run.model
-    if not isinstance(model, VAE):
+    if not hasattr(model, "guide"):
         m.update(log_likelihood=None, log_likelihood_se=None)
         m["log_likelihood_note"] = (
             "not defined for an autoencoder: it has no prior p(z) and no q(z|x)"
         )
         return m
     device = next(model.parameters()).device
-    with evaluate.evaluation_mode(model):
+    with evaluate.evaluation_mode(model), stage(f"IWAE log p(x), K={iwae_samples}"):
         ll = evaluate.log_likelihood(
             model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
         )
@@ -252,13 +270,11 @@ def compare(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Train the config's VAE and its autoencoder baseline (same networks) into
     `out_dir/vae` and `out_dir/ae`; return `(name, test metrics)` rows."""
-    import sys
-
     cfg, out = load_config(config), Path(out_dir)
     rows = []
     for kind, name in (("vae", "VAE"), ("ae", f"AE ({cfg.model.variant})")):
         c = cfg.model_copy(deep=True)
         c.model.kind = kind
-        print(f"== training {name}", file=sys.stderr)
+        log.info("training the %s (%s)", name, out / kind)
         rows.append((name, fit(c, out / kind, progress=progress).metrics))
     return rows
