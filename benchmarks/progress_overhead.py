@@ -37,7 +37,6 @@ def main(argv=None) -> int:
     data = pyrovae.load_data(cfg.data, seed=0)
     sink = io.StringIO()
     configure(0)
-    log.handlers[0].setStream(sink)
     trainers = {}
     for name, on in (("on", True), ("off", False)):
         model = pyrovae.build_model(cfg, data.shape)

@@ -132,6 +132,14 @@ class Config(_Section):
             pass  # the AE ignores the objective; allowed so one config can drive `compare`
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Equal values, whatever schema class validated them (plugins extend the schema)."""
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 

@@ -20,17 +20,26 @@ from tqdm.auto import tqdm
 log = logging.getLogger("pyrovae")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (not the stream it saw
+    when created: a long-lived process, or a test harness, may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure(verbosity: int = 0) -> None:
     """CLI logging: `-1` (--quiet) warnings only and no bars, `0` INFO lines (one per epoch
     or stage), `1` (--verbose) DEBUG as well. Lines are `pyrovae: message` on stderr."""
     log.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
-    mine = [h for h in log.handlers if getattr(h, "_pyrovae", False)]
-    if mine:  # configured before (another command in this process): follow the current stderr
-        mine[0].setStream(sys.stderr)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("pyrovae: %(message)s"))
-        handler._pyrovae = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.propagate = False
 

@@ -25,7 +25,10 @@ def make(kind: str, **opts):
 
 
 def test_registry_lists_all_priors():
-    assert set(PRIORS.kinds()) == {"normal", "normal_learned", "mixture", "vamp", "flow"}
+    builtin = {k for k in PRIORS.kinds() if PRIORS[k].__module__ == "pyrovae.priors"}
+    assert builtin == {"normal", "normal_learned", "mixture", "vamp", "flow"}
+    # anything else was registered by a plugin loaded in this process, and says where from
+    assert all(PRIORS.origin[k]["sha256"] for k in set(PRIORS.kinds()) - builtin)
 
 
 def test_standard_normal_matches_torch():

@@ -406,7 +406,7 @@ def test_loss_that_stays_infinite_stops_with_a_clear_error(server, tmp_path):
         and "after 2 retries" in res.stderr
     )
     assert "learning rate lowered to 0.00025" in res.stderr
-    assert res.stdout.count("restored the last good state") == 2
+    assert res.stderr.count("restored the last good state") == 2  # log lines go to stderr
     assert not (tmp_path / "run").exists()  # no checkpoint was ever good: no folder at all
 
 
