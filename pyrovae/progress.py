@@ -26,7 +26,10 @@ def configure(verbosity: int = 0) -> None:
     log.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
     mine = [h for h in log.handlers if getattr(h, "_pyrovae", False)]
     if mine:  # configured before (another command in this process): follow the current stderr
-        mine[0].setStream(sys.stderr)
+        try:
+            mine[0].setStream(sys.stderr)
+        except ValueError:  # the previous stderr was closed (e.g. captured, then released)
+            mine[0].stream = sys.stderr
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("pyrovae: %(message)s"))

@@ -48,11 +48,11 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def cli(capsys, *argv: str | Path) -> tuple[int, str]:
     """Run `pyrovae ARGV` in this process; return (exit code, stderr)."""
-    log = logging.getLogger("pyrovae")  # a handler from an earlier call holds a closed stderr
-    for h in [h for h in log.handlers if getattr(h, "_pyrovae", False)]:
-        log.removeHandler(h)
     capsys.readouterr()
     rc = main([str(a) for a in argv])
+    log = logging.getLogger("pyrovae")  # leave no handler on capsys's stderr behind
+    for h in [h for h in log.handlers if getattr(h, "_pyrovae", False)]:
+        log.removeHandler(h)
     return rc, capsys.readouterr().err
 
 
