@@ -18,7 +18,15 @@ from pyrovae.autoencoder import AutoEncoder
 from pyrovae.build import build_model
 from pyrovae.config import Config, load_config
 from pyrovae.data import DataConfig, Dataset, load_data
-from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
+from pyrovae.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PyroVAEError,
+    RunLockedError,
+    RunWriteError,
+    TrainingError,
+)
 from pyrovae.model import VAE
 from pyrovae.registry import load_plugin
 from pyrovae.runs import Run, load_run
@@ -46,4 +54,6 @@ __all__ = [
     "CheckpointError",
     "TrainingError",
     "PyroVAEError",
+    "RunLockedError",
+    "RunWriteError",
 ]

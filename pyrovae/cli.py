@@ -1,8 +1,10 @@
 """Command-line interface: `pyrovae fit | evaluate | sample | compare`.
 
-User errors (bad config, bad data, missing files, unsafe checkpoints) print one line starting
-with `pyrovae: error:` and exit with status 2; no traceback. Errors of the file system
-(permission denied, disk full) print one line and exit with status 1. Ctrl-C (SIGINT) or SIGTERM
+User errors (bad config, bad data, missing files, unsafe checkpoints, data changed since
+training, a run folder another `fit` is writing) print one line starting with `pyrovae: error:`
+and exit with status 2; no traceback. Errors of the file system (permission denied, disk full)
+print one line and exit with status 1; while writing a run folder, the line names the file and
+the last complete checkpoint that `fit --resume` continues from. Ctrl-C (SIGINT) or SIGTERM
 during `fit` writes a checkpoint and exits with status 130; `--resume` continues.
 """
 
@@ -16,7 +18,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from pyrovae.errors import PyroVAEError
+from pyrovae.errors import PyroVAEError, RunWriteError
 
 EPILOG_FIT = """\
 examples:
@@ -96,6 +98,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=False if args.quiet else None,
         accept_plugin_changes=args.accept_plugin_changes,
+        accept_data_changes=args.accept_data_changes,
     )
     if run.interrupted:
         print(
@@ -128,7 +131,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pyrovae.runs import load_run
     from pyrovae.workflow import evaluate_run
 
-    run = load_run(args.run_dir, data=True, accept_plugin_changes=args.accept_plugin_changes)
+    run = load_run(
+        args.run_dir,
+        data=True,
+        accept_plugin_changes=args.accept_plugin_changes,
+        accept_data_changes=args.accept_data_changes,
+    )
     m = evaluate_run(run, args.iwae_samples)
     if args.json:
         print(json.dumps(m, indent=2))
@@ -202,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  pyrovae compare examples/configs/digits_vae.toml --out runs/demo\n  pyrovae fit CONFIG --out runs/vae\n  pyrovae evaluate runs/vae --json\n  pyrovae sample runs/vae -n 64 --out samples.png\n\nRun 'pyrovae COMMAND --help' for each command's options.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p.set_defaults(plugin=[], accept_plugin_changes=False, quiet=False, verbose=False)
+    p.set_defaults(
+        plugin=[], accept_plugin_changes=False, accept_data_changes=False, quiet=False, verbose=False
+    )
     raw = argparse.RawDescriptionHelpFormatter
 
     f = sub.add_parser(
@@ -221,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
     _plugin_args(f)
+    data_args(f)
     f.set_defaults(func=_cmd_fit)
 
     e = sub.add_parser(
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also estimate log p(x) by importance sampling with K samples (the IWAE bound)",
     )
     _plugin_args(e)
+    data_args(e)
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser(
@@ -297,6 +309,16 @@ def _plugin_args(parser: argparse.ArgumentParser, accept: bool = True) -> None:
         )
 
 
+def data_args(parser: argparse.ArgumentParser) -> None:
+    """`--accept-data-changes`, for commands that load a run's data."""
+    parser.add_argument(
+        "--accept-data-changes",
+        action="store_true",
+        help="use the run's data source even if its data changed since the run was trained "
+        "(shape, dtype or content of a split; refused by default)",
+    )
+
+
 def _load_extensions() -> None:
     """Import modules that register extra subcommands (diagnostics etc.) if present."""
     import importlib
@@ -325,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).replace("\n", "\n  ")
         print(f"pyrovae: error: {msg}", file=sys.stderr)
         return 2
+    except RunWriteError as e:  # a run folder's file: the message says what survived
+        print(f"pyrovae: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # the file system said no (permissions, disk full, ...): not a bug
         where = f": {e.filename}" if e.filename else ""
         print(f"pyrovae: error: {e.strerror or e}{where}", file=sys.stderr)

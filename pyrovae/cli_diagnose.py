@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from pyrovae.cli import EXTRA_COMMANDS
+from pyrovae.cli import EXTRA_COMMANDS, data_args
 from pyrovae.errors import PyroVAEError
 
 EPILOG = """\
@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Posterior diagnostics of a trained run on its test split (nats per datapoint)."
     p.epilog = EPILOG
     p.add_argument("run_dir")
+    data_args(p)
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
     p.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
     p.add_argument(
@@ -127,7 +128,12 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from pyrovae.diagnostics import DiagnoseOptions, plan
     from pyrovae.progress import log, stage
 
-    run = load_run(args.run_dir, data=True, accept_plugin_changes=args.accept_plugin_changes)
+    run = load_run(
+        args.run_dir,
+        data=True,
+        accept_plugin_changes=args.accept_plugin_changes,
+        accept_data_changes=args.accept_data_changes,
+    )
     options = DiagnoseOptions(
         points=args.points,
         iwae_samples=args.iwae_samples,

@@ -16,6 +16,7 @@ naming the file or config field, the expected and the actual value.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import zlib
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pyrovae.errors import DataError
 
-__all__ = ["DataConfig", "Dataset", "load_data", "read_idx"]
+__all__ = ["DataConfig", "Dataset", "data_changes", "fingerprint", "load_data", "read_idx"]
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist")
 """Built-in dataset names accepted by `data.dataset`."""
@@ -706,3 +707,69 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         binarize=cfg.binarize,
     )
     return _binarize(ds, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints: has the data changed since a run was trained?
+# ---------------------------------------------------------------------------------------------
+SPLITS: tuple[str, ...] = ("x_train", "x_val", "x_test", "y_train", "y_val", "y_test")
+"""The tensors of a `Dataset` that its fingerprint covers."""
+
+_HASH_CHUNK = 1 << 24  # bytes hashed at a time: the hash never needs a second copy of the data
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (C order), hashed in chunks of 16 MiB."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256()
+    per_chunk = max(_HASH_CHUNK // max(flat.element_size(), 1), 1)
+    for start in range(0, flat.numel(), per_chunk):
+        h.update(memoryview(flat[start : start + per_chunk].numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def fingerprint(ds: Dataset) -> dict[str, dict[str, object]]:
+    """Shape, dtype and SHA-256 of every split of `ds`, as loaded (after splitting and
+    binarization, so deterministic for a config and seed).
+
+    Returns `{split: {"shape": [...], "dtype": "float32", "sha256": "..."}}` for the splits in
+    `SPLITS` that exist (labels are absent for unlabelled data). Plain data: it is stored in
+    run checkpoints and compared by `data_changes`.
+    """
+    out: dict[str, dict[str, object]] = {}
+    for name in SPLITS:
+        t = getattr(ds, name)
+        if t is None:
+            continue
+        out[name] = {
+            "shape": [int(s) for s in t.shape],
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "sha256": _tensor_sha256(t),
+        }
+    return out
+
+
+def data_changes(then: dict, now: dict) -> list[str]:
+    """What differs between two `fingerprint`s, one phrase per split (empty if nothing).
+
+    E.g. `"x_train content (SHA-256 3f2a9c01b7e4 then, 9d0c11e2a5f3 now)"` or
+    `"x_val shape ([40, 4] then, [41, 4] now)"`; a split present in only one of them is
+    reported as added or removed.
+    """
+    changes = []
+    for name in [*SPLITS, *(k for k in then if k not in SPLITS)]:
+        a, b = then.get(name), now.get(name)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            changes.append(f"{name} {'added' if a is None else 'removed'}")
+        elif list(a.get("shape", [])) != list(b["shape"]):
+            changes.append(f"{name} shape ({list(a.get('shape', []))} then, {b['shape']} now)")
+        elif a.get("dtype") != b["dtype"]:
+            changes.append(f"{name} dtype ({a.get('dtype')} then, {b['dtype']} now)")
+        elif a.get("sha256") != b["sha256"]:
+            changes.append(
+                f"{name} content (SHA-256 {str(a.get('sha256'))[:12]} then, "
+                f"{str(b['sha256'])[:12]} now)"
+            )
+    return changes

@@ -27,3 +27,23 @@ class CheckpointError(PyroVAEError):
 
 class TrainingError(PyroVAEError):
     """Training cannot continue (e.g. the loss stayed non-finite after the allowed retries)."""
+
+
+class RunLockedError(PyroVAEError):
+    """Another process is writing the run folder (it holds the folder's `.lock`)."""
+
+
+class RunWriteError(OSError):
+    """Writing a run folder's file failed (disk full, permission denied, ...).
+
+    An `OSError` (the CLI exits with status 1, as for other file-system errors), whose message
+    names the file being written and the last complete checkpoint that `fit --resume` will use,
+    or says that none exists.
+    """
+
+    def __init__(self, message: str, errno: int | None, strerror: str | None, filename: str) -> None:
+        super().__init__(errno, strerror, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -8,7 +8,16 @@ checkpoint.pt    model + optimizer + RNG state (`Trainer.state_dict()` plus the 
                  config and data shape), written atomically every epoch and on SIGINT/SIGTERM
 metrics.json     per-epoch train/val ELBO (nats per datapoint), epoch seconds; final test metrics
 figures/         reconstructions, samples, latent scatter, loss curves
+.lock            exists while `fit` writes the folder: an OS lock (`flock`), the holder's pid
 ```
+
+* `fit` holds an exclusive OS lock on `.lock` (`RunLock`) for as long as it writes the folder,
+  taken before it writes anything there; a second `fit` on the same folder is refused
+  (`RunLockedError`, naming the holder's pid) and leaves the folder untouched. The OS releases
+  the lock when its holder dies (even by SIGKILL), so a `.lock` left behind never blocks.
+* The checkpoint stores a fingerprint of the data it was trained on (`pyrovae.data.fingerprint`:
+  shape, dtype and SHA-256 of every split); `fit --resume` and `load_run(data=True)` refuse data
+  that differ from it (`DataError`) unless told to accept the change.
 
 * Every file is written to a temporary file in the same folder, flushed, fsync'ed and renamed
   over the target (then the folder is fsync'ed), so a crash at any moment leaves either the old
@@ -30,6 +39,7 @@ import os
 import pickle
 import re
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,16 +47,22 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no run-folder locks
+    fcntl = None  # type: ignore[assignment]
+
 from pyrovae.autoencoder import AutoEncoder
 from pyrovae.build import build_model, check_data_for_model
 from pyrovae.config import Config, load_config, plugins_used
-from pyrovae.data import Dataset, load_data
-from pyrovae.errors import CheckpointError, ConfigError, PyroVAEError
+from pyrovae.data import Dataset, data_changes, fingerprint, load_data
+from pyrovae.errors import CheckpointError, ConfigError, DataError, PyroVAEError, RunLockedError
 from pyrovae.model import VAE
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.toml"
 METRICS = "metrics.json"
+LOCK = ".lock"
 #: what the numbers in metrics.json are
 UNITS = (
     "nats per datapoint; *_elbo are ELBO estimates (1 sample per datapoint), higher is better; "
@@ -96,6 +112,79 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+class RunLock:
+    """An exclusive OS lock on a run folder (`fcntl.flock` on `folder/.lock`), held by `fit`.
+
+    `acquire` creates `.lock` if needed, locks it without waiting and writes the holder's pid
+    in it; if another process holds it, `RunLockedError` names the folder and that pid, and
+    nothing in the folder is changed. `release` deletes `.lock` and unlocks it. The OS drops
+    the lock when the holder dies (SIGKILL included), so a stale `.lock` never blocks: the next
+    `acquire` takes it over. Use as a context manager. On platforms without `fcntl` it does
+    nothing.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.fd: int | None = None
+
+    def _refuse(self, fd: int) -> RunLockedError:
+        try:
+            pid = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        return RunLockedError(
+            f"{self.folder} is in use by another pyrovae process (pid {pid}, holding "
+            f"{self.path}); expected no other writer. Wait for it to finish, or stop it "
+            "(its last complete checkpoint stays valid), then run the command again"
+        )
+
+    def acquire(self) -> RunLock:
+        """Take the lock (the folder must exist); `RunLockedError` if another process holds it."""
+        if fcntl is None or self.fd is not None:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                err = self._refuse(fd)
+                os.close(fd)
+                raise err from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder we waited on may have deleted the file: lock the one in place
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            time.sleep(0.001)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Delete `.lock` and drop the lock (delete first: nobody can lock a deleted file)."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
@@ -234,6 +323,18 @@ _ENTRIES: dict[str, tuple[Any, str]] = {
 }
 
 
+def _fingerprint_ok(fp: Any) -> bool:
+    return isinstance(fp, dict) and all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and isinstance(v.get("shape"), list)
+        and all(_is_int(n) for n in v["shape"])
+        and isinstance(v.get("dtype"), str)
+        and isinstance(v.get("sha256"), str)
+        for k, v in fp.items()
+    )
+
+
 def check_state(state: dict[str, Any], path: Path) -> None:
     """Raise `CheckpointError` unless `state` has every entry, of the right type.
 
@@ -256,6 +357,12 @@ def check_state(state: dict[str, Any], path: Path) -> None:
             else:
                 shown = repr(value)
             raise CheckpointError(f"{path}: entry {key!r}: expected {what}, got {shown[:120]}")
+    fp = state.get("data_fingerprint")
+    if fp is not None and not _fingerprint_ok(fp):
+        raise CheckpointError(
+            f"{path}: entry 'data_fingerprint': expected a table of split -> {{shape, dtype, "
+            f"sha256}}, got {fp!r:.120}"
+        )
     plugins = state.get("plugins", [])
     if not (isinstance(plugins, list) and all(isinstance(x, dict) for x in plugins)):
         raise CheckpointError(f"{path}: entry 'plugins': expected a list of tables, got {plugins!r:.120}")
@@ -282,9 +389,14 @@ class Run:
 
 
 def save_run_checkpoint(
-    folder: Path, config: Config, data_shape: tuple[int, ...], trainer_state: dict[str, Any]
+    folder: Path,
+    config: Config,
+    data_shape: tuple[int, ...],
+    trainer_state: dict[str, Any],
+    data_fingerprint: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `folder/checkpoint.pt`: the trainer's state plus what rebuilds the model.
+    """Write `folder/checkpoint.pt`: the trainer's state plus what rebuilds the model, and the
+    fingerprint of the data it is trained on (`pyrovae.data.fingerprint`) when given.
 
     Refuses (`TrainingError`) to write non-finite parameters, so the last checkpoint is always
     one to resume from.
@@ -301,6 +413,7 @@ def save_run_checkpoint(
             "config": config.to_dict(),
             "data_shape": list(data_shape),
             "plugins": plugins_used(config),
+            **({"data_fingerprint": data_fingerprint} if data_fingerprint is not None else {}),
             **trainer_state,
         },
     )
@@ -353,12 +466,46 @@ def stored_config(
     return cfg
 
 
-def load_run(run_dir: str | Path, data: bool = False, accept_plugin_changes: bool = False) -> Run:
+def check_data_fingerprint(
+    state: dict[str, Any],
+    data: Dataset,
+    source: str,
+    path: Path,
+    accept_data_changes: bool = False,
+) -> dict[str, Any]:
+    """Compare `data` with the fingerprint a checkpoint `state` holds; return `data`'s.
+
+    `DataError` naming `source` (e.g. `data.dataset='x.npy'`) and what changed (shape, dtype or
+    content of which split) unless `accept_data_changes`. Checkpoints written before
+    fingerprints existed have none: nothing is compared.
+    """
+    now = fingerprint(data)
+    then = state.get("data_fingerprint")
+    if then is None or accept_data_changes:
+        return now
+    changes = data_changes(then, now)
+    if changes:
+        raise DataError(
+            f"{source}: the data changed since the run in {path.parent} was trained: "
+            f"{'; '.join(changes)} (expected the fingerprint stored in {path}). Restore the "
+            "data, or pass --accept-data-changes (accept_data_changes=True) to use it anyway"
+        )
+    return now
+
+
+def load_run(
+    run_dir: str | Path,
+    data: bool = False,
+    accept_plugin_changes: bool = False,
+    accept_data_changes: bool = False,
+) -> Run:
     """Load a run folder (checkpoint read with `weights_only=True`: no code is executed).
 
     With `data=True` the dataset of the stored config is loaded too and checked against the
-    model (point shape, likelihood support). Every problem is a `CheckpointError` or a
-    `DataError` naming the file.
+    model (point shape, likelihood support) and against the data fingerprint the checkpoint
+    holds (`check_data_fingerprint`): data that changed since training (shape, dtype or content
+    of any split) are refused unless `accept_data_changes`. Every problem is a
+    `CheckpointError` or a `DataError` naming the file.
     """
     d = Path(run_dir)
     if not d.is_dir():
@@ -389,7 +536,9 @@ def load_run(run_dir: str | Path, data: bool = False, accept_plugin_changes: boo
     ds = None
     if data:
         ds = load_data(cfg.data, seed=cfg.train.seed)
-        check_data_for_model(model, ds, f"data.dataset={cfg.data.dataset!r} (the run {d})")
+        source = f"data.dataset={cfg.data.dataset!r}"
+        check_data_for_model(model, ds, f"{source} (the run {d})")
+        check_data_fingerprint(state, ds, source, path, accept_data_changes)
     return Run(
         dir=d, config=cfg, model=model, history=list(state["history"]), metrics=metrics, data=ds
     )

@@ -7,7 +7,7 @@ The only module that brings together the trainer (`pyrovae.train`), the run fold
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from pyrovae.build import (
     resolve_device,
 )
 from pyrovae.config import Config, load_config
-from pyrovae.data import Dataset, load_data
-from pyrovae.errors import CheckpointError, ConfigError, DataError, TrainingError
+from pyrovae.data import Dataset, fingerprint, load_data
+from pyrovae.errors import CheckpointError, ConfigError, DataError, RunWriteError, TrainingError
 from pyrovae.progress import log, stage
 from pyrovae.runs import (
     CHECKPOINT,
@@ -32,8 +32,10 @@ from pyrovae.runs import (
     METRICS,
     UNITS,
     Run,
+    RunLock,
     atomic_write_bytes,
     atomic_write_json,
+    check_data_fingerprint,
     load_checkpoint,
     remove_stale_temp_files,
     save_run_checkpoint,
@@ -43,17 +45,78 @@ from pyrovae.train import Callback, Trainer
 
 
 class RunWriter(Callback):
-    """Writes the checkpoint and `metrics.json` of a run folder after every epoch."""
+    """Writes the checkpoint and `metrics.json` of a run folder after every epoch.
 
-    def __init__(self, folder: Path, config: Config, data_shape: tuple[int, ...]) -> None:
+    Remembers the last checkpoint it (or the run being resumed) completed, so that a failed
+    write (`write`) can say which checkpoint `fit --resume` will use.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        config: Config,
+        data_shape: tuple[int, ...],
+        data_fingerprint: dict[str, Any] | None = None,
+        last_checkpoint: tuple[int, int] | None = None,
+    ) -> None:
         self.folder, self.config, self.data_shape = folder, config, data_shape
+        self.data_fingerprint = data_fingerprint
+        #: (epoch, step) of the last complete checkpoint on disk, None if there is none
+        self.last_checkpoint = last_checkpoint
+
+    def write(self, path: Path, action: Callable[[], Any]) -> Any:
+        """Run `action` (which writes `path`); turn an `OSError` into a `RunWriteError` that
+        names `path` and the last complete checkpoint."""
+        try:
+            return action()
+        except OSError as e:
+            if isinstance(e, RunWriteError):
+                raise
+            if path.suffix == "" and (e.filename2 or e.filename):  # a folder: name the file
+                path = Path(e.filename2 or e.filename)
+            raise write_error(path, e, self.folder, self.last_checkpoint) from e
 
     def save(self, trainer: Trainer) -> None:
-        save_run_checkpoint(self.folder, self.config, self.data_shape, trainer.state_dict())
+        state = trainer.state_dict()
+        self.write(
+            self.folder / CHECKPOINT,
+            lambda: save_run_checkpoint(
+                self.folder, self.config, self.data_shape, state, self.data_fingerprint
+            ),
+        )
+        self.last_checkpoint = (state["epoch"], state["step_in_epoch"])
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         self.save(trainer)
-        atomic_write_json(self.folder / METRICS, {"history": trainer.history, "units": UNITS})
+        self.write(
+            self.folder / METRICS,
+            lambda: atomic_write_json(
+                self.folder / METRICS, {"history": trainer.history, "units": UNITS}
+            ),
+        )
+
+
+def write_error(
+    path: Path, e: OSError, folder: Path, last_checkpoint: tuple[int, int] | None
+) -> RunWriteError:
+    """A one-line `RunWriteError`: which file could not be written, why, and what survived."""
+    import shlex
+
+    why = e.strerror or str(e) or type(e).__name__
+    ckpt = Path(folder) / CHECKPOINT
+    if last_checkpoint is None:
+        survived = (
+            "no checkpoint was written yet, so there is nothing to resume: run the same "
+            "command again once the file system allows writing"
+        )
+    else:
+        epoch, step = last_checkpoint
+        survived = (
+            f"the last complete checkpoint is epoch {epoch}, step {step}: {ckpt}; "
+            f"pyrovae fit --out {shlex.quote(str(folder))} --resume continues from it once the "
+            "file system allows writing"
+        )
+    return RunWriteError(f"could not write {path}: {why}; {survived}", e.errno, why, str(path))
 
 
 def _first_missing_ancestor(path: Path) -> Path | None:
@@ -109,6 +172,7 @@ def fit(
     figures: bool = True,
     callbacks: Sequence[Callback] = (),
     accept_plugin_changes: bool = False,
+    accept_data_changes: bool = False,
 ) -> Run:
     """Train the model a config describes and write the run folder `out_dir`.
 
@@ -120,6 +184,14 @@ def fit(
     Temporary files a killed process left in `out_dir` are removed. `callbacks` are passed to
     the `Trainer` (after the one that writes the checkpoint every epoch).
 
+    `fit` holds the folder's lock (`pyrovae.runs.RunLock`) from before it writes anything there
+    until it returns: a second `fit` on the same folder raises `RunLockedError` naming this
+    process's pid. The checkpoint stores a fingerprint of the data (shape, dtype and SHA-256
+    of every split, as loaded); on resume, data that differ from it raise `DataError` naming
+    the split and what changed, unless `accept_data_changes` (the run then continues on the
+    new data, and stores its fingerprint). A failed write (disk full, permission denied)
+    raises `RunWriteError` (an `OSError`) naming the file and the last complete checkpoint.
+
     A plugin model (`[model] kind = "package.module:ClassName"`) is checked first: every sample
     site of its `model(x)` and `guide(x)` must be inside `pyro.plate("data", len(x))`. Each
     minibatch of B of the N training points is then scored with every site scaled by N/B
@@ -128,22 +200,52 @@ def fit(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: expected a run folder, got an existing file")
+    lock = RunLock(out)
+    try:
+        if out.is_dir():  # before reading or writing anything in it
+            lock.acquire()
+        return _fit_locked(
+            config, out, lock, resume, progress, data, figures, callbacks,
+            accept_plugin_changes, accept_data_changes,
+        )
+    finally:
+        lock.release()
+
+
+def _fit_locked(
+    config: Config | dict | str | Path | None,
+    out: Path,
+    lock: RunLock,
+    resume: bool,
+    progress: bool | None,
+    data: Dataset | None,
+    figures: bool,
+    callbacks: Sequence[Callback],
+    accept_plugin_changes: bool,
+    accept_data_changes: bool,
+) -> Run:
+    """`fit`, with `lock` held if `out` exists (else taken as soon as `out` is created)."""
     ckpt = out / CHECKPOINT
     state = None
-    if resume:
-        cfg, state = _resumed_config(config, out, accept_plugin_changes)
-    else:
-        cfg = load_config(config)
+
+    def refuse_existing_run() -> None:
         if ckpt.exists():
             raise ConfigError(
                 f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
                 "choose another --out"
             )
+
+    if resume:
+        cfg, state = _resumed_config(config, out, accept_plugin_changes)
+    else:
+        cfg = load_config(config)
+        refuse_existing_run()
     pyro.set_rng_seed(cfg.train.seed)
     data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
+    source = f"data.dataset={cfg.data.dataset!r}"
     if state is not None and tuple(state["data_shape"]) != tuple(data.shape):
         raise DataError(
-            f"--resume: data.dataset={cfg.data.dataset!r}: expected data points of shape "
+            f"--resume: {source}: expected data points of shape "
             f"{tuple(state['data_shape'])}, as the model in {ckpt} was trained on; got shape "
             f"{tuple(data.shape)}. Did the data file change since? Restore it or start a new run."
         )
@@ -151,12 +253,26 @@ def fit(
     check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
     if is_plugin_model(model):
         check_program(model, data.x_train[: min(2, len(data.x_train))], f"model.kind = {cfg.model.kind!r}")
+    if state is not None:
+        fp = check_data_fingerprint(state, data, f"--resume: {source}", ckpt, accept_data_changes)
+    else:
+        fp = fingerprint(data)
     device = resolve_device(cfg.train.device)
 
     created = _first_missing_ancestor(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        if lock.fd is None:  # a new folder: lock it before writing anything, then look again
+            lock.acquire()
+            if not resume:
+                refuse_existing_run()
+    except OSError:  # not RunLockedError: the folder may be another process's by now
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     remove_stale_temp_files(out)
-    writer = RunWriter(out, cfg, tuple(data.shape))
+    last = (state["epoch"], state["step_in_epoch"]) if state is not None else None
+    writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
     trainer = Trainer(
         model,
         cfg.train,
@@ -174,7 +290,9 @@ def fit(
             except ValueError as e:
                 raise CheckpointError(f"{ckpt}: {e}") from None
         else:
-            atomic_write_bytes(out / CONFIG, cfg.to_toml().encode())
+            writer.write(
+                out / CONFIG, lambda: atomic_write_bytes(out / CONFIG, cfg.to_toml().encode())
+            )
         finished = trainer.train()
         if not finished:
             writer.save(trainer)
@@ -188,9 +306,9 @@ def fit(
     run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
     if finished:
         run.metrics = final_metrics(run)
-        atomic_write_json(out / METRICS, run.metrics)
+        writer.write(out / METRICS, lambda: atomic_write_json(out / METRICS, run.metrics))
         if figures:
-            plots.run_figures(run, out / "figures")
+            writer.write(out / "figures", lambda: plots.run_figures(run, out / "figures"))
     return run
 
 
