@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -16,6 +21,28 @@ def _pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> Path:
+    """The documentation built once with ``mkdocs build --strict`` (from another directory)."""
+    work = tmp_path_factory.mktemp("docs")
+    site = work / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict"]
+        + ["-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        cwd=work,  # the config must not depend on the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return site
 
 
 def tiny_config(**sections) -> dict:
