@@ -182,3 +182,34 @@ def test_lesson_page_renders_offline(page, served_site, docs_site, tmp_path):
     figures = [i for i in probe["images"] if "assets/lessons/" in i["src"]]
     assert figures, "the lesson's figure is missing"
     assert all(i["width"] > 0 for i in probe["images"]), probe["images"]
+
+
+NOTEBOOK_PAGES = (
+    "lesson1_linear_ae_pca",
+    "lesson2_deep_vs_linear",
+    "lesson3_overcomplete",
+    "lesson4_information_kl",
+    "lesson5_intractable",
+    "lesson6_vi_identity",
+    "lesson7_ae_vs_vae",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", NOTEBOOK_PAGES)
+def test_notebook_page_renders_offline(page, served_site, tmp_path):
+    """The notebooks' Markdown cells use `$...$`; MathJax typesets those too."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip(f"no browser: none of {', '.join(BROWSERS)} is on PATH")
+    url = f"{served_site}/lessons/notebooks/{page}/"
+    dom = render(browser, url, tmp_path / "profile", "--dump-dom")
+    found = re.search(r'<pre id="render-probe">(.*?)</pre>', dom, re.S)
+    assert found, "the page's load event never fired (or the probe was not served)"
+    probe = json.loads(html.unescape(found.group(1)))
+    assert probe["status"] == "ok", probe["status"]
+    assert probe["containers"] > 0 and probe["errors"] == 0, probe
+    text = _BodyText()
+    text.feed(dom)
+    raw = re.findall(r"\$[^$\n]*\\[A-Za-z]+[^$\n]*\$", "".join(text.parts))
+    assert not raw, f"formulas left as TeX source: {raw[:3]}"

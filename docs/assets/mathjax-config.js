@@ -7,8 +7,9 @@
 // mkdocs.yml loads this file first, then the MathJax file.
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    // \( \) and \[ \] from arithmatex; $ and $$ in the notebooks' Markdown cells
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
   },
@@ -16,8 +17,11 @@ window.MathJax = {
     fontCache: "global",
   },
   options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex",
+    // Skip every element with a class (and all inside it) except the formulas' own: arithmatex
+    // spans, and the notebooks' Markdown cells (whose <p>, <li> have no class, so they inherit
+    // "process"; ".*|" would also match class-less elements and skip them).
+    ignoreHtmlClass: ".+",
+    processHtmlClass: "arithmatex|jp-MarkdownOutput",
   },
 };
 
