@@ -19,7 +19,7 @@ test: $(BIN)/.installed
 
 docs: $(BIN)/.installed
 	$(BIN)/python docs/gen_lessons.py
-	$(BIN)/mkdocs build --strict -d site
+	PYROVAE_DOCS_EXECUTE=true $(BIN)/mkdocs build --strict -d site  # notebooks executed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pyrovae tests benchmarks examples

@@ -323,7 +323,7 @@ def lesson5() -> str:
             )
         )
         out += (
-            f"#### Latent size $d = {p.latent_dim}$\n\n"
+            f"#### Latent size *d* = {p.latent_dim}\n\n"
             f"Quadrature refinement (largest change over the images; box $[-{r.L + 2:g}, "
             f"{r.L + 2:g}]^d$ changes log p(x) by {p.boundary_change:.0e}):\n\n"
             "| $n$ per axis | grid points $n^d$ | change of $\\log p(x)$ | change of ELBO |\n"

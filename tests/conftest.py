@@ -24,6 +24,25 @@ from pyrovae.train import Callback
 torch.set_num_threads(1)  # small tensors: one thread is faster and robust to a loaded machine
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def docs_site(tmp_path_factory) -> Path:
+    """The documentation built once with `mkdocs build --strict` (from another directory)."""
+    work = tmp_path_factory.mktemp("docs")
+    site = work / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict"]
+        + ["-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        cwd=work,  # the config must not depend on the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return site
 #: children run with one OpenMP thread: on a busy 2-core machine two make these tiny networks
 #: ~30x slower, and all runs compared bit for bit must use the same thread count
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -1,32 +1,29 @@
-// MathJax 3 configuration for pymdownx.arithmatex (generic mode), plus its loader.
+// MathJax 3 configuration for pymdownx.arithmatex (generic mode).
 //
-// The site *builds* offline: mkdocs fetches nothing. To *render* formulas the browser loads
-// MathJax from MATHJAX_SRC; without a network, formulas stay readable as their TeX source.
-// To serve MathJax with the site instead, copy MathJax 3's `es5/` folder (npm package
-// `mathjax@3`) to docs/assets/vendor/mathjax/ and point MATHJAX_SRC at its tex-mml-chtml.js.
-const MATHJAX_SRC = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js";
-
+// MathJax itself is served with the site: docs/assets/vendor/mathjax/tex-svg-full.js is the
+// unmodified es5/tex-svg-full.js of the npm package mathjax@3.2.2 (Apache-2.0, LICENSE next to
+// it). It is one self-contained file: every TeX extension is built in (nothing is autoloaded)
+// and SVG output needs no font files, so formulas render with no network at all.
+// mkdocs.yml loads this file first, then the MathJax file.
 window.MathJax = {
   tex: {
-    inlineMath: [["\\(", "\\)"]],
-    displayMath: [["\\[", "\\]"]],
+    // \( \) and \[ \] from arithmatex; $ and $$ in the notebooks' Markdown cells
+    inlineMath: [["\\(", "\\)"], ["$", "$"]],
+    displayMath: [["\\[", "\\]"], ["$$", "$$"]],
     processEscapes: true,
     processEnvironments: true,
   },
+  svg: {
+    fontCache: "global",
+  },
   options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex",
+    // Skip every element with a class (and all inside it) except the formulas' own: arithmatex
+    // spans, and the notebooks' Markdown cells (whose <p>, <li> have no class, so they inherit
+    // "process"; ".*|" would also match class-less elements and skip them).
+    ignoreHtmlClass: ".+",
+    processHtmlClass: "arithmatex|jp-MarkdownOutput",
   },
 };
-
-(function loadMathJax() {
-  if (document.getElementById("MathJax-script")) return;
-  const script = document.createElement("script");
-  script.id = "MathJax-script";
-  script.async = true;
-  script.src = MATHJAX_SRC;
-  document.head.appendChild(script);
-})();
 
 // Re-typeset after mkdocs-material's instant navigation swaps the page content.
 if (typeof document$ !== "undefined") {

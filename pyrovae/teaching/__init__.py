@@ -17,6 +17,8 @@ write the figure; `tests/test_teaching_*.py` assert the claims; `docs/lessons/` 
 * [`pyrovae.teaching.vi_identity`][pyrovae.teaching.vi_identity] — lesson 6, log p(x) = ELBO(q) + KL(q ‖ p(z|x)).
 * [`pyrovae.teaching.ae_vs_vae`][pyrovae.teaching.ae_vs_vae] — lesson 7, ‖x − x̂‖² against
   ‖x − x̂‖²/2σ² + KL, codes and samples.
+* [`pyrovae.teaching.solutions`][pyrovae.teaching.solutions] — the exercises at the end of the
+  lesson notebooks (`docs/lessons/notebooks/`), their reference answers and checks.
 """
 
 from pyrovae.teaching.ae_vs_vae import ae_vs_vae_lesson, gaussian_elbo_identity, plot_ae_vs_vae
