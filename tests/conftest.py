@@ -352,3 +352,30 @@ def server(tmp_path_factory):
     srv = ForkServer(tmp_path_factory.mktemp("forkserver-logs"))
     yield srv
     srv.close()
+
+
+# ------------------------------------------------------------------ a small pPCA (closed forms)
+@pytest.fixture(scope="module")
+def ppca():
+    """pPCA with D = 5, k = 2, sigma = 0.5: log p(x) and p(z|x) in closed form."""
+    from pyrovae.teaching import ppca as P
+
+    return P.PPCA.random(D=5, k=2, sigma=0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def x(ppca):
+    """20 draws from `ppca`."""
+    return ppca.sample(20, generator=torch.Generator().manual_seed(0))
+
+
+#: the seven lesson pages of the docs site (`docs/lessons/<name>.md`)
+LESSON_PAGES = (
+    "lesson1-linear-ae-pca",
+    "lesson2-deep-vs-linear",
+    "lesson3-overcomplete",
+    "lesson4-information-kl",
+    "lesson5-intractable",
+    "lesson6-vi-identity",
+    "lesson7-ae-vs-vae",
+)

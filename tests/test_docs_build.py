@@ -11,23 +11,14 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import LESSON_ARGS, assert_png, lesson_result
+from conftest import LESSON_ARGS, LESSON_PAGES, assert_png, lesson_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mkdocs_build_strict(docs_site):
     site = docs_site
-    lessons = (
-        "lesson1-linear-ae-pca",
-        "lesson2-deep-vs-linear",
-        "lesson3-overcomplete",
-        "lesson4-information-kl",
-        "lesson5-intractable",
-        "lesson6-vi-identity",
-        "lesson7-ae-vs-vae",
-    )
-    for page in lessons:
+    for page in LESSON_PAGES:
         html = (site / "lessons" / page / "index.html").read_text(encoding="utf-8")
         assert "arithmatex" in html  # the derivations' math went through arithmatex
         assert "<table>" in html  # the generated numbers were included

@@ -22,17 +22,10 @@ import subprocess
 import threading
 
 import pytest
+from conftest import LESSON_PAGES
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-LESSONS = (
-    "lesson1-linear-ae-pca",
-    "lesson2-deep-vs-linear",
-    "lesson3-overcomplete",
-    "lesson4-information-kl",
-    "lesson5-intractable",
-    "lesson6-vi-identity",
-    "lesson7-ae-vs-vae",
-)
+LESSONS = LESSON_PAGES
 PROBE = """<script>
 (function () {
   function report(status) {

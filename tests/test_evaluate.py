@@ -17,16 +17,6 @@ from pyrovae.teaching import ppca as P
 from pyrovae.workflow import evaluate_run
 
 
-@pytest.fixture(scope="module")
-def ppca():
-    return P.PPCA.random(D=5, k=2, sigma=0.5, seed=1)
-
-
-@pytest.fixture(scope="module")
-def x(ppca):
-    return ppca.sample(20, generator=torch.Generator().manual_seed(0))
-
-
 def test_exact_posterior_guide_gives_log_marginal(ppca, x):
     lp = ppca.log_marginal(x)
     guide = P.exact_guide(ppca)

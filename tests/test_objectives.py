@@ -154,16 +154,6 @@ def test_iwae_minibatch_scaling_is_n_over_b():
     torch.testing.assert_close(te_scaled, te_plain * n / 8, rtol=1e-10, atol=0)
 
 
-@pytest.fixture(scope="module")
-def ppca():
-    return P.PPCA.random(D=5, k=2, sigma=0.5, seed=1)
-
-
-@pytest.fixture(scope="module")
-def x(ppca):
-    return ppca.sample(20, generator=torch.Generator().manual_seed(0))
-
-
 def test_iwae_with_the_exact_posterior_is_log_marginal_for_any_k(ppca, x):
     """q = p(z|x): every weight is p(x), so every K gives -Σ log p(x) exactly."""
     guide = P.exact_guide(ppca)
