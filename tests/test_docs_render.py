@@ -185,6 +185,7 @@ NOTEBOOK_PAGES = (
     "lesson5_intractable",
     "lesson6_vi_identity",
     "lesson7_ae_vs_vae",
+    "lesson8_enumeration",
 )
 
 

@@ -127,6 +127,18 @@ def kl_to_standard_normal(mu: Tensor, log_var: Tensor) -> Tensor:
     return 0.5 * (mu**2 + log_var.exp() - 1 - log_var).sum(-1)
 
 
+def enumerated_elbo(log_prior: Tensor, log_lik: Tensor, q_logits: Tensor) -> Tensor:
+    """ELBO of a mixture with the assignment summed out: Σₙ Σₖ qₙₖ (log p(k) + log p(xₙ|k) − log qₙₖ)."""
+    log_q = q_logits.log_softmax(-1)
+    return (log_q.exp() * (log_prior + log_lik - log_q)).sum()
+
+
+def score_function_gradient(logits: Tensor, f: Tensor) -> Tensor:
+    """E_q[f(c) ∇θ log q(c)] for q = Cat(softmax(θ)): qₖ (fₖ − Σⱼ qⱼ fⱼ)."""
+    q = logits.softmax(-1)
+    return q * (f - (q * f).sum(-1, keepdim=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks against independent computations
 
@@ -304,6 +316,44 @@ def _check_kl_std_normal(f: Callable) -> None:
     _close(f(mu, log_var), want, "KL per row")
 
 
+def _check_enumerated_elbo(f: Callable) -> None:
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer import TraceEnum_ELBO
+    from pyro.ops.indexing import Vindex
+
+    def enumerated_loss(log_prior, log_lik, q_logits) -> float:
+        n = log_lik.shape[0]
+
+        def model():
+            with pyro.plate("data", n):
+                c = pyro.sample("c", dist.Categorical(logits=log_prior))
+                pyro.factor("lik", Vindex(log_lik)[torch.arange(n), c])
+
+        def guide():
+            with pyro.plate("data", n):
+                pyro.sample("c", dist.Categorical(logits=q_logits), infer={"enumerate": "parallel"})
+
+        return TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide)
+
+    g = _rng()
+    for n, k in ((5, 3), (20, 4)):
+        log_prior = torch.randn(k, generator=g, dtype=torch.float64).log_softmax(-1)
+        log_lik = -3 * torch.rand(n, k, generator=g, dtype=torch.float64)
+        q_logits = torch.randn(n, k, generator=g, dtype=torch.float64)
+        want = -enumerated_loss(log_prior, log_lik, q_logits)
+        _close(f(log_prior, log_lik, q_logits), want, f"N = {n}, K = {k}", rtol=1e-6, atol=1e-6)
+
+
+def _check_score_function(f: Callable) -> None:
+    g = _rng()
+    for k in (2, 3, 6):
+        logits = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+        fk = torch.randn(k, generator=g, dtype=torch.float64)
+        (want,) = torch.autograd.grad((logits.softmax(-1) * fk).sum(), logits)
+        _close(f(logits.detach(), fk), want, f"K = {k}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 
@@ -354,6 +404,18 @@ EXERCISES: dict[str, Exercise] = {
         ),
         Exercise(
             "7.2", "kl_to_standard_normal(mu, log_var)", kl_to_standard_normal, _check_kl_std_normal
+        ),
+        Exercise(
+            "8.1",
+            "enumerated_elbo(log_prior, log_lik, q_logits)",
+            enumerated_elbo,
+            _check_enumerated_elbo,
+        ),
+        Exercise(
+            "8.2",
+            "score_function_gradient(logits, f)",
+            score_function_gradient,
+            _check_score_function,
         ),
     )
 }
