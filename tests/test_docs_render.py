@@ -186,6 +186,7 @@ NOTEBOOK_PAGES = (
     "lesson6_vi_identity",
     "lesson7_ae_vs_vae",
     "lesson8_enumeration",
+    "lesson9_posterior_quality",
 )
 
 

@@ -139,6 +139,16 @@ def score_function_gradient(logits: Tensor, f: Tensor) -> Tensor:
     return q * (f - (q * f).sum(-1, keepdim=True))
 
 
+def diagonal_gaussian_entropy(sigma: Tensor) -> Tensor:
+    """Entropy of N(μ, diag σ²) per row: Σⱼ log σⱼ + d/2 · log(2πe)."""
+    return sigma.log().sum(-1) + 0.5 * sigma.shape[-1] * math.log(2 * math.pi * math.e)
+
+
+def max_normalized_weight(logw: Tensor) -> Tensor:
+    """max_s w_s / Σ_t w_t over the last axis, from log-weights."""
+    return (logw.max(-1).values - logw.logsumexp(-1)).exp()
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks against independent computations
 
@@ -354,6 +364,27 @@ def _check_score_function(f: Callable) -> None:
         _close(f(logits.detach(), fk), want, f"K = {k}")
 
 
+def _check_gaussian_entropy(f: Callable) -> None:
+    from torch.distributions import Normal
+
+    g = _rng()
+    for d in (1, 2, 5):
+        sigma = torch.rand(7, d, generator=g, dtype=torch.float64) * 3 + 0.05
+        want = Normal(torch.zeros_like(sigma), sigma).entropy().sum(-1)
+        _close(f(sigma), want, f"d = {d}")
+
+
+def _check_max_weight(f: Callable) -> None:
+    from scipy.special import softmax
+
+    g = _rng()
+    logw = torch.randn(6, 50, generator=g, dtype=torch.float64) * 4
+    logw[0] += 1000.0  # would overflow exp
+    logw[1] -= 1000.0  # would underflow exp
+    want = softmax(logw.numpy(), axis=-1).max(-1)
+    _close(f(logw), want, "max normalized weight per row")
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 
@@ -417,6 +448,13 @@ EXERCISES: dict[str, Exercise] = {
             score_function_gradient,
             _check_score_function,
         ),
+        Exercise(
+            "9.1",
+            "diagonal_gaussian_entropy(sigma)",
+            diagonal_gaussian_entropy,
+            _check_gaussian_entropy,
+        ),
+        Exercise("9.2", "max_normalized_weight(logw)", max_normalized_weight, _check_max_weight),
     )
 }
 
