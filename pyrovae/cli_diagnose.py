@@ -30,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
     p.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
     p.add_argument(
+        "--docs-url",
+        metavar="URL",
+        help="where the built docs are (e.g. file:///path/to/site): verdicts link there",
+    )
+    p.add_argument(
         "--points",
         type=int,
         default=4,
@@ -151,7 +156,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         from pyrovae.report import write_report
 
         with stage("report and figures"):
-            path = write_report(diag, args.report)
+            path = write_report(diag, args.report, docs_url=args.docs_url)
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(diag.results, indent=2))

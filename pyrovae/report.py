@@ -118,6 +118,29 @@ def gap_figure(approximation: np.ndarray, amortization: np.ndarray) -> bytes:
     return _png(fig)
 
 
+def nuts_comparison_figure(n: dict[str, Any]) -> bytes:
+    """Every (point, latent dimension) pair of the NUTS comparison in two panels: q's mean
+    against NUTS's, in units of the NUTS posterior sd, and q's sd against NUTS's (log-log)."""
+    nm, qm = np.asarray(n["nuts_mean"], float), np.asarray(n["q_mean"], float)
+    ns, qs = np.asarray(n["nuts_sd"], float), np.asarray(n["q_sd"], float)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    z = (qm - nm) / ns
+    a.hist(z.ravel(), bins=min(40, max(10, z.size // 4)), color="#4a7")
+    a.axvline(0, color="k", lw=1)
+    a.set_xlabel("(mean of q − mean of NUTS) / sd of NUTS")
+    a.set_ylabel("(point, dim) pairs")
+    a.set_title("where q puts its mass", fontsize=9)
+    b.loglog(ns.ravel(), qs.ravel(), ".", ms=4, alpha=0.7)
+    lo, hi = float(min(ns.min(), qs.min())), float(max(ns.max(), qs.max()))
+    b.plot([lo, hi], [lo, hi], "k--", lw=1, label="q as wide as the posterior")
+    b.set_xlabel("posterior sd (NUTS)")
+    b.set_ylabel("sd of q(z|x)")
+    b.set_title("how wide q is (below the line: too narrow)", fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def code_variance_figure(var: np.ndarray) -> bytes:
     """Autoencoder code usage: variance of each code dimension over the test set."""
     fig, ax = plt.subplots(figsize=(min(max(5.0, 2 + 0.3 * var.size), 14), 2.8))
@@ -148,6 +171,8 @@ def make_figures(diag: Diagnosis) -> dict[str, bytes]:
         figs["psis"] = khat_figure(diag.khat.numpy())
     if diag.idata is not None:
         figs["nuts"] = posterior_overlay_figure(diag.idata, _overlay_dims(diag))
+    if "nuts" in diag.results:
+        figs["nuts_comparison"] = nuts_comparison_figure(diag.results["nuts"])
     if diag.gap is not None:
         figs["amortization"] = gap_figure(
             diag.gap.approximation_gap.cpu().numpy(), diag.gap.amortization_gap.cpu().numpy()
@@ -223,7 +248,7 @@ def _decomposition(d: dict[str, Any]) -> str:
     )
 
 
-def _nuts(n: dict[str, Any]) -> str:
+def _nuts(n: dict[str, Any], figures: dict[str, bytes]) -> str:
     rows = []
     for i, p in enumerate(n["points"]):
         for u in range(len(n["nuts_mean"][i])):
@@ -244,7 +269,13 @@ def _nuts(n: dict[str, Any]) -> str:
         f"<p>{n['chains']} chains ({n['chain_method']}), {n['warmup']} warm-up + {n['draws']} draws each; "
         f"{n['divergences']} divergent transitions; max R-hat {_f(n['max_rhat'])}, min ESS {_f(n['min_ess'], 0)}.</p>"
     )
-    return intro + _table(head, rows)
+    return (
+        intro
+        + _img(figures.get("nuts_comparison"), "q against NUTS, every point and dimension")
+        + f"<details><summary>the {len(rows)} (point, dimension) rows</summary>"
+        + _table(head, rows)
+        + "</details>"
+    )
 
 
 def _amortization(a: dict[str, Any]) -> str:
@@ -267,8 +298,35 @@ _EXPLAIN = {
 }
 
 
-def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str:
-    """The report as one HTML string (figures embedded)."""
+#: verdict -> (section of this report, anchor of the docs page `diagnostics`) explaining it
+_WHY = {
+    "collapse": ("decomposition", "elbo-decomposition"),
+    "psis": ("psis", "psis-khat"),
+    "bound": ("psis", "log-likelihood-iwae-bound"),
+    "nuts": ("nuts", "gold-standard-nuts"),
+    "amortization": ("amortization", "gaps"),
+}
+
+
+def _why(verdict: str, docs_url: str | None) -> str:
+    """Links from a verdict to the section of the report, and of the docs, that explain it."""
+    section, anchor = _WHY.get(verdict, (None, None))
+    if section is None:
+        return ""
+    docs = (
+        f" · <a href='{html.escape(docs_url.rstrip('/'))}/diagnostics/#{anchor}'>docs</a>"
+        if docs_url
+        else f" · docs: <code>docs/diagnostics.md#{anchor}</code>"
+    )
+    return f"<span class='why'>(<a href='#{section}'>what this means</a>{docs})</span>"
+
+
+def render_html(
+    diag: Diagnosis, figures: dict[str, bytes] | None = None, docs_url: str | None = None
+) -> str:
+    """The report as one HTML string (figures embedded). Each verdict links to the section of
+    the report that explains it and to that section of the docs page *Diagnostics*: at
+    `docs_url` (the address of a built docs site, e.g. `file:///path/to/site`) when given."""
     r = diag.results
     figs = figures if figures is not None else make_figures(diag)
     parts = [
@@ -296,7 +354,7 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
             "<h2>Verdicts</h2>",
         ]
         parts += [
-            f"<p class='verdict'><b>{html.escape(k)}</b>: {html.escape(v)}</p>"
+            f"<p class='verdict'><b>{html.escape(k)}</b>: {html.escape(v)} {_why(k, docs_url)}</p>"
             for k, v in r["verdicts"].items()
         ]
         sections = [
@@ -338,7 +396,9 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
             )
         )
         if "nuts" in r:
-            sections.append(("nuts", "Gold standard: NUTS vs q(z|x)", _nuts(r["nuts"]), "nuts"))
+            sections.append(
+                ("nuts", "Gold standard: NUTS vs q(z|x)", _nuts(r["nuts"], figs), "nuts")
+            )
         if "amortization" in r:
             sections.append(
                 (
@@ -350,7 +410,7 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
             )
         for key, title, body, fig in sections:
             parts += [
-                f"<h2>{html.escape(title)}</h2>",
+                f"<h2 id='{key}'>{html.escape(title)}</h2>",
                 f"<p>{html.escape(_EXPLAIN[key])}</p>",
                 body,
                 _img(figs.get(fig), title),
@@ -366,11 +426,11 @@ def render_html(diag: Diagnosis, figures: dict[str, bytes] | None = None) -> str
     return f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>pyrovae diagnose</title><style>{CSS}</style></head><body>\n{body}\n</body></html>\n"
 
 
-def write_report(diag: Diagnosis, path: str | Path) -> Path:
+def write_report(diag: Diagnosis, path: str | Path, docs_url: str | None = None) -> Path:
     """Write `render_html` to `path` (atomically) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_html(diag), encoding="utf-8")
+    tmp.write_text(render_html(diag, docs_url=docs_url), encoding="utf-8")
     tmp.replace(out)
     return out

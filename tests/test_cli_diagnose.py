@@ -44,11 +44,32 @@ def test_diagnose_vae_json_and_report_with_defaults(digits_run, tmp_path, capsys
     assert page.startswith("<!DOCTYPE html>")
     assert (
         len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page))
-        == 4
+        == 5  # latent usage, k-hat, NUTS overlay, q-vs-NUTS comparison, gaps
     )
     assert not re.search(r'(src|href)="https?:', page)  # self-contained: opens from disk
     assert f"{ll['mean']:.3f}" in page and f"{d['kl']:.3f}" in page
     assert "ELBO decomposition" in page and "NUTS" in page and "amortization gap" in page
+    # the per-point NUTS table (points x dims rows) is folded away under its figure
+    folded = re.search(r"<details><summary>the (\d+) \(point, dimension\) rows</summary><table>", page)
+    assert folded and int(folded[1]) == 4 * 2
+    assert page.index('alt="q against NUTS, every point and dimension"') < folded.start()
+    # every verdict links to the section of the report that explains it, and names the docs
+    for section in ("decomposition", "psis", "nuts", "amortization"):
+        assert f"<h2 id='{section}'>" in page and f"href='#{section}'" in page
+    assert page.count("docs: <code>docs/diagnostics.md#") == 5
+
+
+def test_report_links_verdicts_to_a_built_docs_site(digits_run, tmp_path):
+    """With --docs-url every verdict links to its section of the Diagnostics page, and those
+    anchors exist in docs/diagnostics.md."""
+    report = tmp_path / "r.html"
+    args = ["diagnose", str(digits_run.dir), "--report", str(report), "--points", "0"]
+    assert main([*args, "--gap-points", "0", "--docs-url", "file:///docs/site"]) == 0
+    links = re.findall(r"href='file:///docs/site/diagnostics/#([\w-]+)'", report.read_text())
+    assert sorted(links) == ["elbo-decomposition", "log-likelihood-iwae-bound", "psis-khat"]
+    source = (Path(__file__).resolve().parents[1] / "docs" / "diagnostics.md").read_text()
+    for anchor in ("elbo-decomposition", "log-likelihood-iwae-bound", "psis-khat", "gold-standard-nuts", "gaps"):
+        assert "{ #" + anchor + " }" in source
 
 
 def test_diagnose_text_output_and_skips(digits_run, capsys):
