@@ -9,15 +9,25 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,docs,bench]'
+	$(MAKE) mathjax
 	touch $@
+
+# MathJax for the docs site, from the npm registry (package.json pins it), served with the site
+MATHJAX = docs/assets/vendor/mathjax/tex-svg-full.js
+.PHONY: mathjax
+mathjax: $(MATHJAX)
+$(MATHJAX): package.json
+	npm install --silent --no-audit --no-fund
+	mkdir -p $(dir $@)
+	cp node_modules/mathjax/es5/tex-svg-full.js node_modules/mathjax/LICENSE $(dir $@)
 
 demo: $(BIN)/.installed
 	$(BIN)/pyrovae compare examples/configs/digits_vae.toml --out runs/demo
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(MATHJAX)
 	$(BIN)/python -m pytest
 
-docs: $(BIN)/.installed
+docs: $(BIN)/.installed $(MATHJAX)
 	$(BIN)/python docs/gen_lessons.py
 	PYROVAE_DOCS_EXECUTE=true $(BIN)/mkdocs build --strict -d site  # notebooks executed
 

@@ -1,8 +1,8 @@
 // MathJax 3 configuration for pymdownx.arithmatex (generic mode).
 //
-// MathJax itself is served with the site: docs/assets/vendor/mathjax/tex-svg-full.js is the
-// unmodified es5/tex-svg-full.js of the npm package mathjax@3.2.2 (Apache-2.0, LICENSE next to
-// it). It is one self-contained file: every TeX extension is built in (nothing is autoloaded)
+// MathJax itself is served with the site: `make` installs the npm package mathjax@3.2.2
+// (package.json) and copies its unmodified es5/tex-svg-full.js (Apache-2.0, with its LICENSE)
+// to docs/assets/vendor/mathjax/, which is not committed. It is one self-contained file: every TeX extension is built in (nothing is autoloaded)
 // and SVG output needs no font files, so formulas render with no network at all.
 // mkdocs.yml loads this file first, then the MathJax file.
 window.MathJax = {
