@@ -14,6 +14,7 @@ from pyrovae.config import Config
 from pyrovae.data import Dataset
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.model import MODELS, VAE
+from pyrovae.structured import STRUCTURED
 
 DATA_PLATE = "data"
 
@@ -37,12 +38,12 @@ def build_model(config: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
             ) from None
         model.data_shape, model.data_dim = tuple(data_shape), math.prod(data_shape)
         return model
-    cls = VAE if kind == "vae" else AutoEncoder
+    cls = STRUCTURED.get(kind) or (VAE if kind == "vae" else AutoEncoder)
     return cls(config.model, tuple(data_shape))
 
 
 def is_plugin_model(model: torch.nn.Module) -> bool:
-    return not isinstance(model, (VAE, AutoEncoder))
+    return not isinstance(model, (VAE, AutoEncoder, *STRUCTURED.values()))
 
 
 def check_program(model: torch.nn.Module, x: torch.Tensor, key: str = "model.kind") -> None:

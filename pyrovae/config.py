@@ -31,6 +31,7 @@ from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.model import MODELS
 from pyrovae.networks import MLP, NETWORKS
 from pyrovae.priors import PRIORS
+from pyrovae.structured import STRUCTURED
 
 NetworkSpec = NETWORKS.spec_type()
 PriorSpec = PRIORS.spec_type()
@@ -68,7 +69,7 @@ class ModelConfig(_Section):
             kind, options = data["kind"], data.get("options")
             if kind in MODELS and (options is None or isinstance(options, dict)):
                 data = {**data, "options": {**(options or {}), "kind": kind}}
-            elif kind in ("vae", "ae") and options:
+            elif (kind in ("vae", "ae") or kind in STRUCTURED) and options:
                 raise ValueError(
                     f"model.options applies to a plugin model; model.kind = {kind!r} takes its "
                     "options from the other [model] keys"
@@ -78,10 +79,10 @@ class ModelConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind not in ("vae", "ae") and kind not in MODELS:
-            plugins = "".join(f", {k!r}" for k in MODELS.kinds())
+        if kind not in ("vae", "ae") and kind not in STRUCTURED and kind not in MODELS:
+            known = "".join(f", {k!r}" for k in [*STRUCTURED, *MODELS.kinds()])
             raise ValueError(
-                f"expected 'vae', 'ae'{plugins} or a model plugin 'package.module:ClassName'"
+                f"expected 'vae', 'ae'{known} or a model plugin 'package.module:ClassName'"
             )
         return kind
 
@@ -254,7 +255,7 @@ def resolve_plugins(raw: dict[str, Any]) -> None:
         if isinstance(entry, dict) and isinstance(entry.get("kind"), str):
             registry.resolve(entry["kind"], f"model.{block}.kind")
     kind = model.get("kind")
-    if isinstance(kind, str) and kind not in ("vae", "ae"):
+    if isinstance(kind, str) and kind not in ("vae", "ae") and kind not in STRUCTURED:
         MODELS.resolve(kind, "model.kind")
 
 

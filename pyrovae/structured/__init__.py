@@ -1,0 +1,47 @@
+r"""Structured VAEs: Pyro programs with more structure than $z \to x$.
+
+Each model is its own short Pyro program (model + guide) in one file of this package, reusing the
+building-block registries, so priors, likelihoods, networks and guides stay swappable in each:
+
+| `[model] kind` | file | generative model | guide |
+|---|---|---|---|
+| `cvae` | `cvae.py` | $p(x \mid z, c)\,p(z \mid c)$ | $q(z \mid x, c)$ |
+| `m2` | `m2.py` | $p(x \mid y, z)\,p(y)\,p(z)$, $y$ enumerated when unlabelled | $q(y \mid x)\,q(z \mid x, y)$ |
+| `gmvae` | `gmvae.py` | $p(c)\,p(z \mid c)\,p(x \mid z)$, $c$ enumerated | $q(c \mid x)\,q(z \mid x, c)$ |
+| `hvae` | `hvae.py` | $p(z_L) \cdots p(z_1 \mid z_2)\,p(x \mid z_1)$ | bottom-up $q(z_1 \mid x) \cdots q(z_L \mid z_{L-1})$ |
+
+The contract every class registered here follows (the trainer, evaluation and CLI rely on it):
+
+- built as `Class(model_config, data_shape)` from the validated `[model]` section;
+- `model(x, y=None, n_data=None, beta=1.0)` and `guide(...)` with the same arguments: Pyro
+  callables whose per-datapoint sample sites sit in `pyro.plate("data")` over the batch `x` of
+  shape `(B, D)` (`n_data` the dataset size for the N/B scaling, `beta` the weight of the latent
+  sites); `y` is the batch's labels (`int64`, `-1` where unlabelled) for models with
+  `uses_labels = True`, and `None` otherwise;
+- `sample(n, **condition)` draws from the generative model, `E[x | ...]` of shape `(n, D)`;
+- optionally `metrics(x, y) -> dict[str, float]`: the model's own evaluation figures on a split
+  (test accuracy, cluster accuracy, conditional NLL), merged into `pyrovae evaluate --json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+#: `[model] kind` -> class, for the built-in structured models
+STRUCTURED: dict[str, type[nn.Module]] = {}
+
+
+def register(kind: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make `cls` the structured model built for `[model] kind = kind`."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        STRUCTURED[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return deco
+
+# The built-in structured models register themselves when their module is imported; each module
+# adds its import line here, e.g. `from pyrovae.structured import m2` (noqa E402, F401).
