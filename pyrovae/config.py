@@ -61,6 +61,31 @@ class ModelConfig(_Section):
     variant: Literal["deep", "linear", "overcomplete", "denoising"] = "deep"
     #: autoencoder `denoising` variant: std of the Gaussian noise added to inputs while training
     noise: float = Field(0.3, ge=0)
+    #: structured models `m2`, `cvae` (condition "label"): number of classes (default 10)
+    classes: Optional[int] = Field(None, ge=2)  # noqa: UP045
+    #: `m2`: weight α of the classifier term α·E[-log q(y|x)] on labelled points (Kingma et
+    #: al. 2014; default 46, the Pyro SS-VAE example's)
+    alpha: Optional[float] = Field(None, ge=0)  # noqa: UP045
+    #: `cvae`: what the model is conditioned on: "label" (the class, one-hot) or "quadrants"
+    #: (the observed quadrants of an image; the rest is generated)
+    condition: Optional[Literal["label", "quadrants"]] = None  # noqa: UP045
+    #: `cvae` with condition "quadrants": numbers of given quadrants trained on, each point
+    #: drawing one of them per step (default [1, 2, 3]; the Pyro CVAE example's tasks)
+    given: Optional[list[Literal[1, 2, 3]]] = None  # noqa: UP045
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ModelConfig:
+        for name, kinds in KIND_FIELDS.items():
+            if getattr(self, name) is not None and self.kind not in kinds:
+                raise ValueError(
+                    f"model.{name} applies to model.kind = {' | '.join(map(repr, kinds))}; "
+                    f"got model.kind = {self.kind!r}"
+                )
+        if self.given is not None and self.condition != "quadrants":
+            raise ValueError('model.given applies to model.condition = "quadrants"')
+        if self.given is not None and not self.given:
+            raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +110,15 @@ class ModelConfig(_Section):
                 f"expected 'vae', 'ae'{known} or a model plugin 'package.module:ClassName'"
             )
         return kind
+
+
+#: `[model]` keys that only some structured kinds take: key -> kinds
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "classes": ("m2", "cvae"),
+    "alpha": ("m2",),
+    "condition": ("cvae",),
+    "given": ("cvae",),
+}
 
 
 class TrainConfig(_Section):
@@ -131,6 +165,11 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.model.kind == "ae" and self.train.objective != "trace_elbo":
             pass  # the AE ignores the objective; allowed so one config can drive `compare`
+        if self.model.kind == "m2" and self.train.objective not in ("trace_enum", "trace_elbo"):
+            raise ValueError(
+                'train.objective: model.kind = "m2" trains with "trace_enum" (y summed out) or '
+                f'"trace_elbo" (y sampled, score-function gradient); got {self.train.objective!r}'
+            )
         return self
 
     def __eq__(self, other: object) -> bool:
