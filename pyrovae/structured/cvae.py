@@ -116,18 +116,20 @@ class _Quadrants(nn.Module):
         pyro.sample("x", d.base_dist.mask(~gmask).to_event(1), obs=x)
 
     @torch.no_grad()
-    def metrics(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    def metrics(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, samples: int = CONDITIONAL_NLL_SAMPLES
+    ) -> dict:
         """Conditional NLL of the missing pixels for each number of given quadrants (nats per
-        image, IWAE bound with `CONDITIONAL_NLL_SAMPLES` samples, and the negative ELBO)."""
+        image, IWAE bound with `samples` importance samples, and the negative ELBO)."""
         out: dict = {"conditional_nll": {}, "conditional_nll_elbo": {}}
         for g in (1, 2, 3):
             m, q = partial(self.model, given=g), partial(self.guide, given=g)
-            ll = log_likelihood(m, q, x, CONDITIONAL_NLL_SAMPLES)
+            ll = log_likelihood(m, q, x, samples)
             out["conditional_nll"][str(g)] = float(-ll.mean())
             out["conditional_nll_elbo"][str(g)] = float(-elbo(m, q, x, batch_size=1024).mean())
         out["conditional_nll_note"] = (
             "-log p(x_missing | x_given) per test image, nats, for 1/2/3 given quadrants: IWAE "
-            f"bound with K={CONDITIONAL_NLL_SAMPLES} (conditional_nll) and the single-sample "
+            f"bound with K={samples} (conditional_nll) and the single-sample "
             "negative ELBO (conditional_nll_elbo); exact for the deterministic baseline"
         )
         return out
@@ -248,9 +250,11 @@ class CVAE(_Quadrants):
         return torch.where(gmask, x, mean)
 
     @torch.no_grad()
-    def metrics(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict:
+    def metrics(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, samples: int = CONDITIONAL_NLL_SAMPLES
+    ) -> dict:
         if self.condition == "quadrants":
-            return super().metrics(x, y)
+            return super().metrics(x, y, samples)
         return {}
 
 
