@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import ENV, ROOT, tiny_config
 from pyro import poutine
 
 import pyrovae
@@ -21,16 +22,20 @@ from pyrovae.config import load_config
 from pyrovae.errors import ConfigError
 from pyrovae.structured.gmvae import GMVAE, cluster_accuracy
 
-from conftest import ENV, ROOT, tiny_config
-
 MLP32 = {"kind": "mlp", "hidden": [32]}
 
 
 def gmvae(data_shape=(1, 8, 8), **model) -> GMVAE:
     cfg = load_config(
         {
-            "model": {"kind": "gmvae", "clusters": 4, "latent_dim": 3, "encoder": MLP32,
-                      "decoder": MLP32, **model},
+            "model": {
+                "kind": "gmvae",
+                "clusters": 4,
+                "latent_dim": 3,
+                "encoder": MLP32,
+                "decoder": MLP32,
+                **model,
+            },
             "train": {"objective": "trace_enum"},
         }
     )
@@ -104,7 +109,10 @@ def test_cluster_conditioned_sample_comes_from_that_component():
     """Linear decoder, Normal likelihood: E[x|z] = W z + b, so the mean of many conditioned
     samples is W mu_k + b, and mapping it back through W recovers component k's mean."""
     gm = gmvae(
-        data_shape=(6,), clusters=3, latent_dim=2, decoder={"kind": "linear"},
+        data_shape=(6,),
+        clusters=3,
+        latent_dim=2,
+        decoder={"kind": "linear"},
         likelihood={"kind": "normal", "scale": 0.1},
     )
     means = torch.tensor([[-10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
@@ -141,17 +149,32 @@ def test_cluster_accuracy_protocols():
 @pytest.mark.parametrize(
     ("model", "train", "match"),
     [
-        ({"kind": "gmvae", "clusters": 1}, {"objective": "trace_enum"},
-         r"model.clusters: Input should be greater than or equal to 2; got 1"),
+        (
+            {"kind": "gmvae", "clusters": 1},
+            {"objective": "trace_enum"},
+            r"model.clusters: Input should be greater than or equal to 2; got 1",
+        ),
         ({"kind": "vae", "clusters": 3}, {}, r"model.clusters applies to kind = 'gmvae' only"),
-        ({"kind": "gmvae"}, {"objective": "trace_elbo"},
-         r"train.objective: kind = 'gmvae' needs 'trace_enum'.*got 'trace_elbo'"),
-        ({"kind": "gmvae", "prior": {"kind": "mixture"}}, {"objective": "trace_enum"},
-         r"model.prior does not apply to kind = 'gmvae'"),
-        ({"kind": "gmvae", "guide": {"kind": "flow"}}, {"objective": "trace_enum"},
-         r"model.guide does not apply to kind = 'gmvae'"),
-        ({"kind": "gmvae", "latent_dims": [4, 2]}, {"objective": "trace_enum"},
-         r"model.latent_dims applies to kind = 'hvae' only"),
+        (
+            {"kind": "gmvae"},
+            {"objective": "trace_elbo"},
+            r"train.objective: kind = 'gmvae' needs 'trace_enum'.*got 'trace_elbo'",
+        ),
+        (
+            {"kind": "gmvae", "prior": {"kind": "mixture"}},
+            {"objective": "trace_enum"},
+            r"model.prior does not apply to kind = 'gmvae'",
+        ),
+        (
+            {"kind": "gmvae", "guide": {"kind": "flow"}},
+            {"objective": "trace_enum"},
+            r"model.guide does not apply to kind = 'gmvae'",
+        ),
+        (
+            {"kind": "gmvae", "latent_dims": [4, 2]},
+            {"objective": "trace_enum"},
+            r"model.latent_dims applies to kind = 'hvae' only",
+        ),
     ],
 )
 def test_bad_config_is_one_line(model, train, match):
@@ -184,8 +207,12 @@ def test_cli_fit_evaluate_sample(tmp_path):
 
     def cli(*args):
         return subprocess.run(
-            [sys.executable, "-m", "pyrovae", *args], cwd=ROOT, env=ENV, capture_output=True,
-            text=True, timeout=300,
+            [sys.executable, "-m", "pyrovae", *args],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     p = cli("fit", str(cfg), "--out", str(run), "-q")

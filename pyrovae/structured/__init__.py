@@ -45,5 +45,4 @@ def register(kind: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 # The built-in structured models register themselves when their module is imported; each module
 # adds its import line here, e.g. `from pyrovae.structured import m2` (noqa E402, F401).
-from pyrovae.structured import gmvae  # noqa: E402, F401
-from pyrovae.structured import hvae  # noqa: E402, F401
+from pyrovae.structured import gmvae, hvae  # noqa: E402, F401

@@ -94,10 +94,14 @@ class HVAE(nn.Module):
         self.posterior = build_guide(
             model_config.guide, model_config.encoder, self.data_shape, dims[0]
         )
-        self.up = nn.ModuleList(GaussianLayer(spec, a, b) for a, b in zip(dims, dims[1:]))
+        self.up = nn.ModuleList(
+            GaussianLayer(spec, a, b) for a, b in zip(dims, dims[1:], strict=False)
+        )
         # p(z_L), then p(z_l | z_{l+1}), then p(x | z_1)
         self.prior = build_prior(model_config.prior, dims[-1], self.data_dim, None)
-        self.down = nn.ModuleList(GaussianLayer(spec, b, a) for a, b in zip(dims, dims[1:]))
+        self.down = nn.ModuleList(
+            GaussianLayer(spec, b, a) for a, b in zip(dims, dims[1:], strict=False)
+        )
         self.likelihood = build_likelihood(model_config.likelihood, self.data_dim)
         p = self.likelihood.params_per_feature
         self.decoder = build_network(
