@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import ENV, ROOT, tiny_config
+from conftest import tiny_config
 from pyro import poutine
 
 import pyrovae
@@ -198,32 +196,24 @@ def test_fit_evaluate_and_metrics_through_the_api(tmp_path):
     assert loaded.model.sample(3, cluster=2).shape == (3, 64)
 
 
-def test_cli_fit_evaluate_sample(tmp_path):
+def test_cli_fit_evaluate_sample(tmp_path, server):
     cfg = tmp_path / "gm.toml"
     import tomli_w
 
     cfg.write_text(tomli_w.dumps(gm_tiny()))
     run = tmp_path / "run"
 
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "pyrovae", *args],
-            cwd=ROOT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    cli = server.run
 
     p = cli("fit", str(cfg), "--out", str(run), "-q")
-    assert p.returncode == 0, p.stderr
+    assert p.rc == 0, p.stderr
     p = cli("evaluate", str(run), "--json", "--iwae-samples", "10", "-q")
-    assert p.returncode == 0, p.stderr
+    assert p.rc == 0, p.stderr
     out = json.loads(p.stdout)
     assert math.isfinite(out["log_likelihood"])
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
-    assert p.returncode == 0, p.stderr
+    assert p.rc == 0, p.stderr
     p = cli("fit", str(cfg), "--out", str(tmp_path / "bad"), "--set", "model.clusters=1")
-    assert p.returncode == 2 and "model.clusters" in p.stderr
+    assert p.rc == 2 and "model.clusters" in p.stderr
     assert len(p.stderr.strip().splitlines()) <= 2
     assert not (tmp_path / "bad").exists()
