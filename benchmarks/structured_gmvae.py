@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         chunk = time.perf_counter() - t0
         spent += chunk
+        if run.interrupted:  # fit saved a mid-epoch checkpoint; --resume continues it
+            result["train_minutes"] = spent / 60
+            res_path.write_text(json.dumps(result, indent=2))
+            raise SystemExit("interrupted; continue with --resume")
         run.model.eval()
         m = run.model.metrics(x_test, y_test)
         point = {
@@ -117,8 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(epochs=epochs, train_minutes=spent / 60, **m)
         res_path.write_text(json.dumps(result, indent=2))
         print(json.dumps(point), flush=True)
-        if run.interrupted:
-            raise SystemExit("interrupted; continue with --resume")
     if run is not None:
         run.model.eval()
         result["test_elbo"] = test_elbo(run.model, x_test)

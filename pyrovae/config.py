@@ -63,6 +63,8 @@ class ModelConfig(_Section):
     noise: float = Field(0.3, ge=0)
     #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
     clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
+    #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
+    cluster_guide: Optional[Literal["conditional", "mean_field"]] = None  # noqa: UP045
     #: `hvae` only: sizes of the stochastic layers z_1 (next to x) ... z_L (top), L >= 2
     latent_dims: Optional[list[Annotated[int, Field(ge=1)]]] = None  # noqa: UP045
     #: `hvae` only: hidden sizes of the MLPs of p(z_l | z_{l+1}) and q(z_{l+1} | z_l)
@@ -71,7 +73,12 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ModelConfig:
         """Each kind's own fields, refused where they do not apply."""
-        own = {"clusters": "gmvae", "latent_dims": "hvae", "layer_hidden": "hvae"}
+        own = {
+            "clusters": "gmvae",
+            "cluster_guide": "gmvae",
+            "latent_dims": "hvae",
+            "layer_hidden": "hvae",
+        }
         for name, kind in own.items():
             if getattr(self, name) is not None and self.kind != kind:
                 raise ValueError(

@@ -71,6 +71,29 @@ def test_trace_enum_loss_is_the_explicit_sum_over_clusters():
     assert loss.item() == pytest.approx(-total.item(), rel=1e-12, abs=1e-9)
 
 
+def test_mean_field_guide_loss_is_the_explicit_sum_over_clusters():
+    """cluster_guide = "mean_field", q(c|x) q(z|x): one z per point, and the loss is
+    -sum_b [log p(x_b|z_b) - log q(z_b|x_b) + sum_c q(c|x_b)(log p(z_b|c) + log p(c) - log q(c|x_b))]."""
+    gm = gmvae(likelihood={"kind": "bernoulli"}, cluster_guide="mean_field").double()
+    x = torch.bernoulli(torch.full((5, 64), 0.3, dtype=torch.float64))
+    traced = poutine.trace(gm.guide)
+    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(gm.model, traced, x)
+    z = traced.trace.nodes["z"]["value"]
+    assert z.shape == (5, gm.latent_dim)  # one code per point, not one per cluster
+    with torch.no_grad():
+        logits, loc, scale = gm.q_params(x)
+        log_qc = torch.log_softmax(logits, -1)
+        per_point = gm.likelihood_dist(z).log_prob(x) - dist.Normal(loc, scale).to_event(
+            1
+        ).log_prob(z)
+        for c in range(gm.clusters):
+            log_pz = gm.component(torch.full((5,), c)).log_prob(z)
+            per_point = per_point + log_qc[:, c].exp() * (
+                log_pz + math.log(1 / gm.clusters) - log_qc[:, c]
+            )
+    assert loss.item() == pytest.approx(-per_point.sum().item(), rel=1e-12, abs=1e-9)
+
+
 def test_enumerated_loss_differs_from_one_cluster():
     """Sanity of the above: the sum is not a single cluster's term (the enumeration is real)."""
     gm = gmvae()
@@ -167,6 +190,16 @@ def test_cluster_accuracy_protocols():
             {"kind": "gmvae", "guide": {"kind": "flow"}},
             {"objective": "trace_enum"},
             r"model.guide does not apply to kind = 'gmvae'",
+        ),
+        (
+            {"kind": "vae", "cluster_guide": "mean_field"},
+            {},
+            r"model.cluster_guide applies to kind = 'gmvae' only",
+        ),
+        (
+            {"kind": "gmvae", "cluster_guide": "q(z|x)"},
+            {"objective": "trace_enum"},
+            r"model.cluster_guide: Input should be 'conditional' or 'mean_field'",
         ),
         (
             {"kind": "gmvae", "latent_dims": [4, 2]},

@@ -26,14 +26,23 @@ $$
 estimated with one reparameterized $z$ per cluster (all $K$ at once: the enumerated $c$ has
 its own tensor dim left of the data plate).
 
-**Why $q(z \mid x, c)$ and not $q(z \mid x)$.** With $q(z \mid x)$ the cluster could only enter
-the bound through $\log p(z \mid c)$, and $q(c \mid x)$ would be pulled towards the exact
-$p(c \mid z)$ of a single $z$; with $q(z \mid x, c)$ each cluster proposes its own code, the
-$K$ proposals are scored against their own components, and the ELBO is the exact expectation
-over $c$ of a per-cluster VAE bound (Shu's post compares both; the conditional form is the one
-that clusters). The cost is small: one encoder gives the $K$ logits of $q(c \mid x)$ and the
-$K$ Gaussians $q(z \mid x, c)$ in one pass (output size $K + 2KD$); only the decoder runs $K$
-times.
+**$q(z \mid x, c)$ or $q(z \mid x)$: `model.cluster_guide`.**
+
+* `"conditional"` (default), $q(c \mid x)\,q(z \mid x, c)$, the factorization of Dilokthanakul
+  et al. and Shu: each cluster proposes its own code, the $K$ proposals are scored against their
+  own components, and the ELBO is the exact expectation over $c$ of a per-cluster VAE bound.
+  One encoder pass gives the $K$ logits and the $K$ Gaussians (output size $K + 2KD$), but the
+  decoder runs once per cluster: a step costs about $K$ decoder passes.
+* `"mean_field"`, $q(c \mid x)\,q(z \mid x)$, the factorization of VaDE (Jiang et al.,
+  "Variational Deep Embedding", IJCAI 2017): one code per point, so the decoder runs once and
+  only the cheap terms $\log p(z \mid c) + \log p(c) - \log q(c \mid x)$ are enumerated,
+  $$
+  \mathrm{ELBO}(x) = E_{q(z|x)}\Big[\log p(x \mid z) - \log q(z \mid x)
+  + \sum_c q(c \mid x)\big(\log p(z \mid c) + \log p(c) - \log q(c \mid x)\big)\Big];
+  $$
+  the optimal $q(c \mid x)$ is then $\propto \exp E_{q(z|x)}[\log p(z \mid c)\,p(c)]$, the
+  responsibility of each component for the code. Its bound is looser (one code must serve all
+  clusters) and a step costs about one VAE step.
 
 `metrics(x, y)` reports `cluster_accuracy`, with each point assigned to
 $\arg\max_c q(c \mid x)$: when `clusters` equals the number of classes the best one-to-one
@@ -83,9 +92,11 @@ class GMVAE(nn.Module):
         self.data_dim = math.prod(self.data_shape)
         self.clusters = k = model_config.clusters or DEFAULT_CLUSTERS
         self.latent_dim = d = model_config.latent_dim
-        #: x -> K logits of q(c|x), then K (loc, raw scale) pairs of q(z|x, c)
+        self.conditional = (model_config.cluster_guide or "conditional") == "conditional"
+        #: x -> K logits of q(c|x), then K (loc, raw scale) pairs of q(z|x, c) (one: q(z|x))
+        gaussians = k if self.conditional else 1
         self.encoder = build_network(
-            model_config.encoder, self.data_shape, (k + 2 * k * d,), name="model.encoder"
+            model_config.encoder, self.data_shape, (k + 2 * gaussians * d,), name="model.encoder"
         )
         self.likelihood = build_likelihood(model_config.likelihood, self.data_dim)
         p = self.likelihood.params_per_feature
@@ -126,14 +137,19 @@ class GMVAE(nn.Module):
                 c = pyro.sample(
                     "c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
                 )
-                return pyro.sample("z", dist.Normal(_pick(loc, c), _pick(scale, c)).to_event(1))
+                if self.conditional:
+                    loc, scale = _pick(loc, c), _pick(scale, c)
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ---- deterministic pieces (no Pyro effects) ----------------------------------------
     def q_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q's parameters: logits `(..., K)` of q(c|x), loc and scale `(..., K, D)` of q(z|x, c)."""
+        """q's parameters: logits `(..., K)` of q(c|x), and loc and scale of q(z|x, c),
+        `(..., K, D)` (`conditional`), or of q(z|x), `(..., D)` (`mean_field`)."""
         k, d = self.clusters, self.latent_dim
         h = self.encoder(x)
-        logits, rest = h[..., :k], h[..., k:].reshape(*h.shape[:-1], k, 2 * d)
+        logits, rest = h[..., :k], h[..., k:]
+        if self.conditional:
+            rest = rest.reshape(*h.shape[:-1], k, 2 * d)
         return logits, rest[..., :d], softplus(rest[..., d:]) + 1e-5
 
     def component(self, c: torch.Tensor) -> dist.TorchDistribution:
@@ -162,8 +178,11 @@ class GMVAE(nn.Module):
         return torch.cat([self.q_params(xb)[0].argmax(-1) for xb in x.split(batch_size)])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The posterior mean code $E_q[z \\mid x] = \\sum_c q(c|x)\\,\\mu_\\phi(x, c)$."""
+        """The posterior mean code $E_q[z \\mid x]$ ($\\sum_c q(c|x)\\,\\mu_\\phi(x, c)$ for
+        the conditional guide)."""
         logits, loc, _ = self.q_params(x)
+        if not self.conditional:
+            return loc
         return (torch.softmax(logits, -1).unsqueeze(-1) * loc).sum(-2)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
