@@ -73,14 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
     res_path.parent.mkdir(parents=True, exist_ok=True)
     data = pyrovae.load_data(cfg.data, seed=cfg.train.seed)
     result = {
-        "config": str(Path(args.config).relative_to(ROOT)) if args.config.startswith(str(ROOT))
+        "config": str(Path(args.config).relative_to(ROOT))
+        if args.config.startswith(str(ROOT))
         else args.config,
         "overrides": args.set,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/structured_gmvae.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/structured_gmvae.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "protocol": "cluster_accuracy: argmax_c q(c|x) on all 10,000 test images, one-to-one "
         "(Hungarian) matching of clusters to digits; test_elbo: nats per image, c summed exactly",
         "curve": [],
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.train.epochs = epochs
         t0 = time.perf_counter()
         run = pyrovae.fit(
-            cfg, out, resume=(out / "checkpoint.pt").exists(), progress=False, data=data,
+            cfg,
+            out,
+            resume=(out / "checkpoint.pt").exists(),
+            progress=False,
+            data=data,
             figures=False,
         )
         chunk = time.perf_counter() - t0
