@@ -103,11 +103,43 @@ def check_data_for_model(model: torch.nn.Module, data: Dataset, source: str) -> 
     splits = {"validation": data.x_val, "test": data.x_test}
     if data.binarize != "dynamic":  # dynamic batches are Bernoulli draws, in {0,1} by construction
         splits = {"training": data.x_train, **splits}
+    if getattr(model, "uses_labels", False):
+        check_labels(model, data, source)
     for split, x in splits.items():
         if hasattr(model, "likelihood") and hasattr(model.likelihood, "check_data"):
             model.likelihood.check_data(x, f"{source} ({split} split)")
         else:
             _validate_program(model, x, f"{source} ({split} split)")
+
+
+def check_labels(model: torch.nn.Module, data: Dataset, source: str) -> None:
+    """A structured model with `uses_labels`: the data must have labels, each in
+    `0 .. model.classes - 1` (and -1, unlabelled, in the training split only where the model
+    takes unlabelled points, `model.partial_labels`); `DataError` naming the split otherwise."""
+    kind = getattr(model, "kind", type(model).__name__)
+    if data.y_train is None:
+        raise DataError(
+            f"{source}: model.kind = {kind!r} trains on labels, but the data have none (expected "
+            "mnist, digits, an .npz with 'y' or a folder of class sub-folders)"
+        )
+    c = model.classes
+    for split, y in (("training", data.y_train), ("validation", data.y_val), ("test", data.y_test)):
+        if y is None or y.numel() == 0:
+            continue
+        low = -1 if split == "training" and getattr(model, "partial_labels", False) else 0
+        bad = (y < low) | (y >= c)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            what = " (or -1, unlabelled)" if low == -1 else ""
+            hint = (
+                "; this model needs every training label: leave data.labels unset"
+                if split == "training" and int(y[i]) == -1
+                else f"; set model.classes to the number of classes ({int(y.max()) + 1}?)"
+            )
+            raise DataError(
+                f"{source} ({split} split): expected labels in 0..{c - 1}{what} for model.classes "
+                f"= {c}; got {int(y[i])} at index {i}{hint}"
+            )
 
 
 def _validate_program(model: torch.nn.Module, x: torch.Tensor, source: str) -> None:

@@ -102,6 +102,9 @@ def _print_text(r: dict) -> None:
         print(f"codes used                {r['codes_used']} of {r['latent_dim']} (variance > 0.01)")
         print(r["not_applicable"])
         return
+    if r.get("structured"):
+        _print_structured(r)
+        return
     ll, el, d = r["log_likelihood"], r["elbo"], r["decomposition"]
     print(
         f"log-likelihood (IWAE K={ll['samples']})  {ll['mean']:.3f} ± {ll['se']:.3f} nats per datapoint"
@@ -123,6 +126,21 @@ def _print_text(r: dict) -> None:
         )
     for k, v in r["verdicts"].items():
         print(f"- {k}: {v}")
+
+
+def _print_structured(r: dict) -> None:
+    ll, el, p = r["log_likelihood"], r["elbo"], r["psis"]
+    print(
+        f"log-likelihood (IWAE K={ll['samples']})  {ll['mean']:.3f} ± {ll['se']:.3f} nats per "
+        f"datapoint ({ll['of']}; {ll['estimator']})"
+    )
+    print(f"ELBO (1 sample)           {el['mean']:.3f} ± {el['se']:.3f}")
+    print(
+        f"PSIS k-hat                <0.5: {p['share_below_0.5']:.0%}  0.5-0.7: {p['share_0.5_to_0.7']:.0%}  >0.7: {p['share_above_0.7']:.0%}"
+    )
+    for name, s in r["latent_sites"].items():
+        print(f"site {name}: KL {s['kl']:.3f} nats, active units {s['active_units']} of {s['dim']}")
+    print(r["not_applicable"])
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -149,7 +167,15 @@ def run_diagnose(args: argparse.Namespace) -> int:
         chains=args.chains,
         seed=args.seed,
     )
-    if hasattr(run.model, "guide") and log.isEnabledFor(20):
+    from pyrovae.structured import STRUCTURED
+
+    structured = isinstance(run.model, tuple(STRUCTURED.values()))
+    if structured and args.report:
+        raise PyroVAEError(
+            f"--report: the HTML report covers 'vae' runs; {args.run_dir} is a "
+            f"{run.config.model.kind!r} model: use the text or --json output"
+        )
+    if hasattr(run.model, "guide") and not structured and log.isEnabledFor(20):
         log.info("%s", plan(run, options))
     diag = diagnose_run(run, options)
     if args.report:

@@ -61,6 +61,17 @@ class ModelConfig(_Section):
     variant: Literal["deep", "linear", "overcomplete", "denoising"] = "deep"
     #: autoencoder `denoising` variant: std of the Gaussian noise added to inputs while training
     noise: float = Field(0.3, ge=0)
+    #: structured models `m2`, `cvae` (condition "label"): number of classes (default 10)
+    classes: Optional[int] = Field(None, ge=2)  # noqa: UP045
+    #: `m2`: weight α of the classifier term α·E[-log q(y|x)] on labelled points (Kingma et
+    #: al. 2014; default 46, the Pyro SS-VAE example's)
+    alpha: Optional[float] = Field(None, ge=0)  # noqa: UP045
+    #: `cvae`: what the model is conditioned on: "label" (the class, one-hot) or "quadrants"
+    #: (the observed quadrants of an image; the rest is generated)
+    condition: Optional[Literal["label", "quadrants"]] = None  # noqa: UP045
+    #: `cvae` with condition "quadrants": numbers of given quadrants trained on, each point
+    #: drawing one of them per step (default [1, 2, 3]; the Pyro CVAE example's tasks)
+    given: Optional[list[Literal[1, 2, 3]]] = None  # noqa: UP045
     #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
     clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
     #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
@@ -72,18 +83,21 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ModelConfig:
-        """Each kind's own fields, refused where they do not apply."""
-        own = {
-            "clusters": "gmvae",
-            "cluster_guide": "gmvae",
-            "latent_dims": "hvae",
-            "layer_hidden": "hvae",
-        }
-        for name, kind in own.items():
-            if getattr(self, name) is not None and self.kind != kind:
+        for name, kinds in KIND_FIELDS.items():
+            if getattr(self, name) is not None and self.kind not in kinds:
                 raise ValueError(
-                    f"model.{name} applies to kind = {kind!r} only; got kind = {self.kind!r}"
+                    f"model.{name} applies to model.kind = {' | '.join(map(repr, kinds))}; "
+                    f"got model.kind = {self.kind!r}"
                 )
+        if self.given is not None and self.condition != "quadrants":
+            raise ValueError('model.given applies to model.condition = "quadrants"')
+        if self.given is not None and not self.given:
+            raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
+        return self
+
+    @model_validator(mode="after")
+    def _gmvae_hvae_fields(self) -> ModelConfig:
+        """What a `gmvae` or an `hvae` does not take, and the hvae's layers."""
         unused = {
             "gmvae": {
                 "prior": "p(z|c) is the model's own mixture",
@@ -136,6 +150,19 @@ class ModelConfig(_Section):
         return kind
 
 
+#: `[model]` keys that only some structured kinds take: key -> kinds
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "classes": ("m2", "cvae"),
+    "alpha": ("m2",),
+    "condition": ("cvae",),
+    "given": ("cvae",),
+    "clusters": ("gmvae",),
+    "cluster_guide": ("gmvae",),
+    "latent_dims": ("hvae",),
+    "layer_hidden": ("hvae",),
+}
+
+
 class TrainConfig(_Section):
     """`[train]`: the objective and the optimizer loop."""
 
@@ -180,6 +207,11 @@ class Config(_Section):
     def _consistent(self) -> Config:
         if self.model.kind == "ae" and self.train.objective != "trace_elbo":
             pass  # the AE ignores the objective; allowed so one config can drive `compare`
+        if self.model.kind == "m2" and self.train.objective not in ("trace_enum", "trace_elbo"):
+            raise ValueError(
+                'train.objective: model.kind = "m2" trains with "trace_enum" (y summed out) or '
+                f'"trace_elbo" (y sampled, score-function gradient); got {self.train.objective!r}'
+            )
         needs = {"gmvae": ("trace_enum",), "hvae": ("trace_elbo", "trace_enum", "iwae")}
         allowed = needs.get(self.model.kind)
         if allowed and self.train.objective not in allowed:

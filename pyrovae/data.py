@@ -30,7 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pyrovae.errors import DataError
 
-__all__ = ["DataConfig", "Dataset", "data_changes", "fingerprint", "load_data", "read_idx"]
+__all__ = [
+    "DataConfig",
+    "Dataset",
+    "data_changes",
+    "fingerprint",
+    "labelled_subset",
+    "load_data",
+    "read_idx",
+]
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist")
 """Built-in dataset names accepted by `data.dataset`."""
@@ -69,6 +77,7 @@ ARRAY_EXTENSIONS: tuple[str, ...] = (".npy", ".npz")
 # reproducible random streams (changing `limit` does not change how the test set is binarized).
 _SPLIT_STREAM = 0
 _BINARIZE_STREAMS = {"train": 1, "val": 2, "test": 3}
+_LABELS_STREAM = 4
 
 
 class DataConfig(BaseModel):
@@ -101,6 +110,13 @@ class DataConfig(BaseModel):
         ge=0,
         description="if > 0, keep only the first `limit` shuffled training points "
         "(and max(limit // 4, 1) validation / test points)",
+    )
+    labels: int | None = Field(
+        None,
+        ge=0,
+        description="semi-supervised training: keep the labels of a class-balanced, seeded subset "
+        "of this many training points and mark the others unlabelled (label -1); unset = every "
+        "training label is kept",
     )
 
 
@@ -706,7 +722,44 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         y_test=y_test,
         binarize=cfg.binarize,
     )
+    if cfg.labels is not None:
+        ds = replace(ds, y_train=labelled_subset(ds.y_train, cfg.labels, seed, src.where))
     return _binarize(ds, seed)
+
+
+def labelled_subset(y: torch.Tensor | None, n: int, seed: int, where: str) -> torch.Tensor:
+    """`y` with all but a class-balanced, seeded subset of `n` labels set to -1 (unlabelled).
+
+    Each of the $C$ classes present keeps $\\lfloor n / C \\rfloor$ labels, and $n \\bmod C$
+    classes (chosen at random) one more: the protocol of semi-supervised MNIST benchmarks
+    (Kingma et al. 2014: 100 labels = 10 per class). The points are drawn with a generator
+    seeded from `seed` (its own stream), so the same config gives the same labelled points.
+    `DataError` if the data have no labels, or `n` exceeds the training split or a class.
+    """
+    if y is None:
+        raise DataError(
+            f"data.labels = {n}: {where} has no labels (expected a dataset with labels, e.g. "
+            "mnist, digits, an .npz with 'y' or a folder of class sub-folders)"
+        )
+    if n > y.numel():
+        raise DataError(
+            f"data.labels = {n}: expected at most the {y.numel()} points of the training split"
+        )
+    g = _generator(seed, _LABELS_STREAM)
+    classes, counts = torch.unique(y, return_counts=True)
+    quota = torch.full((len(classes),), n // len(classes), dtype=torch.int64)
+    quota[torch.randperm(len(classes), generator=g)[: n % len(classes)]] += 1
+    keep = torch.zeros_like(y, dtype=torch.bool)
+    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        idx = (y == c).nonzero().flatten()
+        if q > len(idx):
+            raise DataError(
+                f"data.labels = {n}: a class-balanced subset needs {q} points of class {c}, but "
+                f"the training split has {len(idx)}; expected data.labels <= "
+                f"{len(classes) * int(counts.min())}"
+            )
+        keep[idx[torch.randperm(len(idx), generator=g)[:q]]] = True
+    return torch.where(keep, y, torch.full_like(y, -1)).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -900,6 +900,13 @@ def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: 
     pyro.set_rng_seed(o.seed)
     if not hasattr(run.model, "guide"):  # the autoencoder baseline
         return _diagnose_ae(run, x_all)
+    from pyrovae.structured import STRUCTURED
+
+    if isinstance(run.model, tuple(STRUCTURED.values())):
+        from pyrovae.structured.diagnose import diagnose_structured
+
+        with evaluation_mode(run.model), frozen_parameters(run.model):
+            return diagnose_structured(run, x_all, o)
     with evaluation_mode(run.model), frozen_parameters(run.model):
         return _diagnose_vae(run, run.model, x_all, o)
 

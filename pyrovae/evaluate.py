@@ -17,6 +17,7 @@ call scores a whole chunk of $K \times B$ latent draws.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,7 +154,12 @@ def log_weights(
 
 
 def elbo(
-    model, guide, x: torch.Tensor, num_particles: int = 1, batch_size: int | None = None
+    model,
+    guide,
+    x: torch.Tensor,
+    num_particles: int = 1,
+    batch_size: int | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Monte Carlo ELBO per datapoint, shape `(N,)`, nats.
 
@@ -162,11 +168,80 @@ def elbo(
     \qquad z_k \sim q(z\mid x).
     $$
 
-    `batch_size` splits the datapoints into chunks (memory).
+    `batch_size` splits the datapoints into chunks (memory). `y`: labels passed to the
+    programs as `y=` (split with `x`), for structured models conditioned on them.
     """
     bs = batch_size or x.shape[0]
-    out = [log_weights(model, guide, xb, num_particles).mean(0) for xb in x.split(bs)]
+    ys = [None] * len(x.split(bs)) if y is None else y.split(bs)
+    out = [
+        log_weights(model, guide, xb, num_particles, **_labels(yb)).mean(0)
+        for xb, yb in zip(x.split(bs), ys, strict=True)
+    ]
     return torch.cat(out)
+
+
+def _labels(y: torch.Tensor | None) -> dict:
+    return {} if y is None else {"y": y}
+
+
+def enumerated_sites(model, guide, x: torch.Tensor, **kwargs) -> dict[str, dict]:
+    """The latent sites of the program marked `infer={"enumerate": ...}` (discrete variables
+    that `TraceEnum_ELBO` sums out), name -> site, from one traced run on `x`: the guide's,
+    then the model's that the guide does not have."""
+    with torch.no_grad(), poutine.block():
+        g = poutine.trace(guide).get_trace(x, **kwargs)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, **kwargs)
+    out: dict[str, dict] = {}
+    for trace in (g, m):
+        for name, site in trace.nodes.items():
+            if (
+                is_scored(site)
+                and not site["is_observed"]
+                and site["infer"].get("enumerate")
+                and name not in out
+            ):
+                out[name] = site
+    return out
+
+
+def log_weights_summed(
+    model, guide, x: torch.Tensor, num_particles: int, sites: dict[str, dict], **kwargs
+) -> torch.Tensor:
+    r"""Log importance weights with the discrete sites `sites` summed out exactly, shape `(K, N)`:
+
+    $$
+    \log w_k = \log \sum_{c} \frac{p(x, c, z_{kc})}{q(z_{kc} \mid x, c)},
+    \qquad z_{kc} \sim q(z \mid x, c),
+    $$
+
+    the sum over every joint value $c$ of the discrete sites (their `enumerate_support`),
+    each conditioned in guide and model (`poutine.condition`); the guide's own
+    $q(c \mid x)$ drops out. $E[w_k] = p(x)$, so $\log \frac1K \sum_k w_k$ is the IWAE
+    bound with the discrete variables marginalized inside each weight (lower variance than
+    sampling them). Without `sites` it is `log_weights`.
+    """
+    if not sites:
+        return log_weights_with_grad(model, guide, x, num_particles, **kwargs)
+    n = x.shape[0]
+    supports = []
+    for site in sites.values():
+        fn = site["fn"]
+        values = fn.enumerate_support(expand=False)
+        event = values.shape[values.dim() - len(fn.event_shape) :] if fn.event_shape else ()
+        supports.append([v.reshape(event).expand(n, *event) for v in values])
+    terms = []
+    for combo in itertools.product(*supports):
+        data = dict(zip(sites, combo, strict=True))
+        g, m, pdim = vectorized_traces(
+            poutine.condition(model, data=data),
+            poutine.condition(guide, data=data),
+            x,
+            num_particles,
+            **kwargs,
+        )
+        lw = trace_log_prob(m, pdim, num_particles, n)
+        terms.append(lw - trace_log_prob(g, pdim, num_particles, n, observed=False))
+    return torch.logsumexp(torch.stack(terms), 0)
 
 
 def _chunks(num_samples: int, n: int, batch_size: int | None, max_rows: int) -> tuple[int, int]:
@@ -189,6 +264,7 @@ def log_likelihood(
     num_samples: int = 5000,
     batch_size: int | None = None,
     max_rows: int = MAX_ROWS,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Importance-sampled $\log p(x)$ per datapoint (the IWAE bound), shape `(N,)`, nats.
 
@@ -205,6 +281,10 @@ def log_likelihood(
     \operatorname{logaddexp}(s, \operatorname{logsumexp}_k \log w_k)$). Pyro's validation
     (if enabled) runs on the first particle chunk of every datapoint chunk, so every datapoint
     is checked once; the remaining chunks only redraw z and skip it.
+
+    Discrete latent sites marked `infer={"enumerate": ...}` (structured models) are summed
+    out exactly inside each weight (`log_weights_summed`). `y`: labels passed to the
+    programs as `y=` (split with `x`), for structured models conditioned on them.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
@@ -213,7 +293,12 @@ def log_likelihood(
     b, k = _chunks(num_samples, x.shape[0], batch_size, max_rows)
     out = []
     progress = bar(total=x.shape[0], desc=f"log p(x), K={num_samples}", unit="pt")
-    for xb in x.split(b):
+    ys = [None] * len(x.split(b)) if y is None else y.split(b)
+    sites = enumerated_sites(model, guide, x[:1], **_labels(None if y is None else y[:1]))
+    if sites:  # each weight sums over every joint value of the discrete sites
+        n_values = math.prod(int(s["fn"].enumerate_support(expand=False).shape[0]) for s in sites.values())
+        k = max(1, k // n_values)
+    for xb, yb in zip(x.split(b), ys, strict=True):
         acc = torch.full((xb.shape[0],), -math.inf, dtype=torch.float64)
         done = 0
         while done < num_samples:
@@ -221,7 +306,8 @@ def log_likelihood(
             # the first particle chunk of each datapoint chunk runs with Pyro's validation as
             # configured (it checks every datapoint); later ones only redraw z and skip it
             with pyro.validation_enabled(is_validation_enabled() and done == 0):
-                lw = log_weights(model, guide, xb, kc).to(torch.float64)
+                lw = log_weights_summed(model, guide, xb, kc, sites, **_labels(yb))
+                lw = lw.detach().to(torch.float64)
             acc = torch.logaddexp(acc, torch.logsumexp(lw, 0).cpu())
             done += kc
         out.append(acc - math.log(num_samples))

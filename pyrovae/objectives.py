@@ -28,6 +28,7 @@ from pyro.poutine.messenger import Messenger
 
 from pyrovae.evaluate import trace_log_prob, vectorized_traces
 from pyrovae.model import VAE
+from pyrovae.structured import STRUCTURED
 
 #: every built-in pyrovae model has one plate ("data"); particles go to the dim left of it
 MAX_PLATE_NESTING = 1
@@ -149,14 +150,16 @@ def data_program(fn: Callable) -> Callable:
 
 def programs(model: torch.nn.Module) -> tuple[Callable, Callable]:
     """`(model, guide)` with the signature `(x, n_data=None, beta=1.0)`: a `pyrovae.VAE`'s
-    own methods, or a plugin model's wrapped by `data_program`."""
-    if isinstance(model, VAE):
+    or a structured model's own methods (the latter also take `y=`), or a plugin model's
+    wrapped by `data_program`."""
+    if isinstance(model, (VAE, *STRUCTURED.values())):
         return model.model, model.guide
     return data_program(model.model), data_program(model.guide)
 
 
-#: `loss(x, n_data, beta, generator)`: the loss per datapoint of a minibatch `x` of `n_data`
-Loss = Callable[[torch.Tensor, int, float, "torch.Generator | None"], torch.Tensor]
+#: `loss(x, n_data, beta, generator, y=None)`: the loss per datapoint of a minibatch `x` of
+#: `n_data` (`y`: the batch's labels, used by structured models with `uses_labels = True`)
+Loss = Callable[..., torch.Tensor]
 
 
 def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) -> Loss:
@@ -164,15 +167,24 @@ def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) ->
 
     A VAE (anything with Pyro `model`/`guide` methods, see `programs`): the chosen ELBO's
     `differentiable_loss(model, guide, x, N, beta) / N`, the negative (β-)ELBO estimate in
-    nats per datapoint. The autoencoder baseline (no Pyro program): its own
+    nats per datapoint. A structured model with `uses_labels = True`
+    (`pyrovae.structured`) gets the batch's labels too, `loss(x, N, beta, gen, y)` calling
+    `differentiable_loss(model, guide, x, n_data=N, beta=beta, y=y)`: still the one ELBO. The autoencoder baseline (no Pyro program): its own
     reconstruction loss `model.loss(x, generator)`.
     """
     if not hasattr(model, "guide"):
-        return lambda x, n_data, beta, gen: model.loss(x, gen)
+        return lambda x, n_data, beta, gen, y=None: model.loss(x, gen)
     elbo = make_elbo(objective, num_particles)
     model_fn, guide_fn = programs(model)
+    if getattr(model, "uses_labels", False):  # a structured model: the batch's labels as `y`
 
-    def loss(x: torch.Tensor, n_data: int, beta: float, gen=None) -> torch.Tensor:
+        def labelled(x, n_data, beta, gen=None, y=None) -> torch.Tensor:
+            return elbo.differentiable_loss(model_fn, guide_fn, x, n_data=n_data, beta=beta, y=y) / n_data
+
+        labelled.elbo = elbo  # type: ignore[attr-defined]
+        return labelled
+
+    def loss(x: torch.Tensor, n_data: int, beta: float, gen=None, y=None) -> torch.Tensor:
         return elbo.differentiable_loss(model_fn, guide_fn, x, n_data, beta) / n_data
 
     loss.elbo = elbo  # type: ignore[attr-defined]

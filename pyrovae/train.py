@@ -83,6 +83,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         progress: bool | None = None,
         sync_every: int | None = None,
+        y_train: torch.Tensor | None = None,
     ) -> None:
         self.config, self.device = config, torch.device(device)
         self.model = model.to(self.device)
@@ -92,6 +93,9 @@ class Trainer:
         self.callbacks, self.progress = list(callbacks), progress
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else CUDA_SYNC_EVERY)
         self.is_vae = hasattr(model, "guide")
+        #: the training labels (-1: unlabelled), batched with `x` for models with `uses_labels`
+        labels = getattr(model, "uses_labels", False) and y_train is not None
+        self.y_train = y_train.to(self.device) if labels else None
         self.loss_fn = make_loss(model, config.objective, config.num_particles)
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
@@ -180,11 +184,22 @@ class Trainer:
         x = self.x_train.index_select(0, self.perm[s * b : (s + 1) * b])
         return bernoulli(x, self.gen) if self.dynamic else x
 
-    def step(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """One optimizer step on `x`; returns the detached loss per datapoint. With `check` a
-        non-finite loss (read on the host) skips the update."""
+    def batch_labels(self, s: int) -> torch.Tensor | None:
+        """The labels of minibatch `s` (None unless the model uses labels)."""
+        if self.y_train is None:
+            return None
+        b = self.config.batch_size
+        return self.y_train.index_select(0, self.perm[s * b : (s + 1) * b])
+
+    def step(
+        self, x: torch.Tensor, check: bool = True, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One optimizer step on `x` (labels `y` for a model with `uses_labels`); returns the
+        detached loss per datapoint. With `check` a non-finite loss (read on the host) skips
+        the update."""
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(x, self.n, self.beta, self.gen)
+        labels = {} if y is None else {"y": y}
+        loss = self.loss_fn(x, self.n, self.beta, self.gen, **labels)
         for cb in self.callbacks:
             loss = cb.on_loss(self, loss)
         if loss.requires_grad:
@@ -211,7 +226,7 @@ class Trainer:
             self.beta = kl_scale(t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches)
             skip = s > first and not t.validate_every_step  # Pyro checks each epoch's first step
             with pyro.validation_enabled(False) if skip else contextlib.nullcontext():
-                loss = self.step(self.batch(s), check=sync == 1)
+                loss = self.step(self.batch(s), check=sync == 1, y=self.batch_labels(s))
             pending = loss if pending is None else pending + loss
             n_pending, self.step_in_epoch = n_pending + 1, s + 1
             for cb in self.callbacks:

@@ -282,6 +282,7 @@ def _fit_locked(
         device=device,
         callbacks=[writer, *callbacks],
         progress=progress,
+        y_train=data.y_train,
     )
     try:
         if state is not None:
@@ -328,15 +329,29 @@ def final_metrics(run: Run) -> dict[str, Any]:
         out["test_points"] = int(x_test.shape[0])
         out["binarize"] = run.config.data.binarize
         if hasattr(model, "guide"):
+            y = eval_labels(model, data.y_test)
             out["test_elbo"] = float(
-                evaluate.elbo(model.model, model.guide, x_test, batch_size=1024).mean()
+                evaluate.elbo(model.model, model.guide, x_test, batch_size=1024, y=y).mean()
             )
         else:
             out["test_elbo"] = None
             with torch.no_grad():
                 losses = [float(model.loss(xb)) * len(xb) for xb in x_test.split(1024)]
             out["test_loss"] = sum(losses) / len(x_test)
+        if callable(getattr(model, "metrics", None)):  # a structured model's own figures
+            y_test = None if data.y_test is None else data.y_test.to(device)
+            out.update(model.metrics(x_test, y_test))
     return out
+
+
+def eval_labels(model: torch.nn.Module, y: torch.Tensor | None) -> torch.Tensor | None:
+    r"""The split's labels for a structured model whose ELBO and log-likelihood are
+    conditioned on them (`conditions_on_labels = True`, e.g. a label-conditioned CVAE:
+    $\log p(x \mid y)$); `None` for every other model (M2's figures are of $\log p(x)$)."""
+    if not getattr(model, "conditions_on_labels", False):
+        return None
+    device = next(model.parameters()).device
+    return None if y is None else y.to(device)
 
 
 def evaluate_run(
@@ -371,12 +386,24 @@ def evaluate_run(
     device = next(model.parameters()).device
     with evaluate.evaluation_mode(model), stage(f"IWAE log p(x), K={iwae_samples}"):
         ll = evaluate.log_likelihood(
-            model.model, model.guide, run.data.x_test.to(device), iwae_samples, batch_size
+            model.model,
+            model.guide,
+            run.data.x_test.to(device),
+            iwae_samples,
+            batch_size,
+            y=eval_labels(model, run.data.y_test),
         )
     mean, se = evaluate.mean_and_se(ll)
     m.update(log_likelihood=mean, log_likelihood_se=se)
+    what = getattr(model, "log_likelihood_of", "log p(x)")
+    summed = evaluate.enumerated_sites(
+        model.model, model.guide, run.data.x_test[:1].to(device),
+        **({} if (y1 := eval_labels(model, run.data.y_test)) is None else {"y": y1[:1]}),
+    )
+    if summed:
+        what += f" with {', '.join(summed)} summed out exactly in each weight"
     m["log_likelihood_note"] = (
-        f"importance-sampled log p(x) (IWAE bound, K={iwae_samples}, proposal q(z|x)) on the "
+        f"importance-sampled {what} (IWAE bound, K={iwae_samples}, proposal q(z|x)) on the "
         f"test split, binarize={run.config.data.binarize!r}; nats per datapoint, higher is "
         "better; negative log-likelihood (NLL) = -log_likelihood"
     )

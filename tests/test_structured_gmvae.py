@@ -175,7 +175,11 @@ def test_cluster_accuracy_protocols():
             {"objective": "trace_enum"},
             r"model.clusters: Input should be greater than or equal to 2; got 1",
         ),
-        ({"kind": "vae", "clusters": 3}, {}, r"model.clusters applies to kind = 'gmvae' only"),
+        (
+            {"kind": "vae", "clusters": 3},
+            {},
+            r"model.clusters applies to model.kind = 'gmvae'; got model.kind = 'vae'",
+        ),
         (
             {"kind": "gmvae"},
             {"objective": "trace_elbo"},
@@ -194,7 +198,7 @@ def test_cluster_accuracy_protocols():
         (
             {"kind": "vae", "cluster_guide": "mean_field"},
             {},
-            r"model.cluster_guide applies to kind = 'gmvae' only",
+            r"model.cluster_guide applies to model.kind = 'gmvae'",
         ),
         (
             {"kind": "gmvae", "cluster_guide": "q(z|x)"},
@@ -204,7 +208,7 @@ def test_cluster_accuracy_protocols():
         (
             {"kind": "gmvae", "latent_dims": [4, 2]},
             {"objective": "trace_enum"},
-            r"model.latent_dims applies to kind = 'hvae' only",
+            r"model.latent_dims applies to model.kind = 'hvae'",
         ),
     ],
 )

@@ -135,13 +135,17 @@ def test_iwae_reaches_the_closed_form_log_likelihood_of_a_linear_gaussian_hvae()
         (
             {"kind": "vae", "latent_dims": [4, 2]},
             {},
-            r"model.latent_dims applies to kind = 'hvae' only; got kind = 'vae'",
+            r"model.latent_dims applies to model.kind = 'hvae'; got model.kind = 'vae'",
         ),
-        ({"kind": "vae", "layer_hidden": [4]}, {}, r"model.layer_hidden applies to kind = 'hvae'"),
+        (
+            {"kind": "vae", "layer_hidden": [4]},
+            {},
+            r"model.layer_hidden applies to model.kind = 'hvae'",
+        ),
         (
             {"kind": "hvae", "latent_dims": [4, 2], "clusters": 3},
             {},
-            r"model.clusters applies to kind = 'gmvae' only; got kind = 'hvae'",
+            r"model.clusters applies to model.kind = 'gmvae'; got model.kind = 'hvae'",
         ),
         (
             {"kind": "hvae", "latent_dims": [4, 2]},

@@ -20,7 +20,36 @@ The contract every class registered here follows (the trainer, evaluation and CL
   `uses_labels = True`, and `None` otherwise;
 - `sample(n, **condition)` draws from the generative model, `E[x | ...]` of shape `(n, D)`;
 - optionally `metrics(x, y) -> dict[str, float]`: the model's own evaluation figures on a split
-  (test accuracy, cluster accuracy, conditional NLL), merged into `pyrovae evaluate --json`.
+  (test accuracy, cluster accuracy, conditional NLL), merged into `pyrovae evaluate --json`
+  (`y` is the split's labels, or `None` for unlabelled data).
+
+Labels (the seams in `pyrovae.train`, `pyrovae.objectives.make_loss`, `pyrovae.build`):
+
+- `uses_labels = True`: the trainer passes each minibatch's labels, `model(x, y=y_batch, ...)`,
+  through the one ELBO (`differentiable_loss(model, guide, x, n_data=N, beta=beta, y=y)`);
+  `classes` (int) is the number of classes, and the data's labels are checked against it
+  before training (`pyrovae.build.check_labels`); `partial_labels = True` lets the training
+  labels hold -1 (unlabelled), which `[data] labels = N` produces for all but a
+  class-balanced, seeded subset of N points;
+- `conditions_on_labels = True`: the test ELBO and log-likelihood are conditional on the
+  split's labels, $\log p(x \mid y)$ (they are passed as `y=`); otherwise evaluation calls
+  `model(x)` with `y=None`, and the figures are of $\log p(x)$;
+- `log_likelihood_of` (str, optional): what the log-likelihood is of, for its note
+  (default `"log p(x)"`).
+
+Discrete latent variables: mark their sample sites `infer={"enumerate": "parallel"}` (guide
+or model) and train with `[train] objective = "trace_enum"` (`pyro.infer.TraceEnum_ELBO`
+sums them out exactly; every program here has one plate, `max_plate_nesting = 1`, so put
+no `dim` on enumerated sites). Evaluation needs nothing more: the test ELBO is the
+single-sample estimate with those sites drawn from the guide (unbiased); the IWAE
+log-likelihood (`pyrovae.evaluate.log_likelihood`) sums them out exactly inside each
+importance weight, $w_k = \sum_c p(x, c, z_{kc}) / q(z_{kc} \mid x, c)$, by conditioning
+guide and model on every value of their `enumerate_support` (`log_weights_summed`).
+
+`pyrovae sample --label 3` / `--cluster 2` call `sample(n, label=3)` / `sample(n, cluster=2)`:
+name the condition as a keyword argument of `sample` (a model without it is refused with a
+one-line error; a bad value should raise `ValueError` with one line). `pyrovae diagnose`
+runs the generic diagnostics on the program (`pyrovae.structured.diagnose`).
 """
 
 from __future__ import annotations
@@ -45,4 +74,4 @@ def register(kind: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 # The built-in structured models register themselves when their module is imported; each module
 # adds its import line here, e.g. `from pyrovae.structured import m2` (noqa E402, F401).
-from pyrovae.structured import gmvae, hvae  # noqa: E402, F401
+from pyrovae.structured import gmvae, hvae, m2  # noqa: E402, F401
