@@ -126,6 +126,22 @@ def test_loss_with_subsampling_and_beta():
     assert zero.item() == pytest.approx(-recon.item(), rel=1e-5)
 
 
+def test_training_loss_is_the_programs_elbo_per_datapoint():
+    """`make_loss` (what the trainer calls) on a structured model without labels passes the
+    dataset size and beta by name: the loss is the program's TraceEnum loss / N, for any N/B."""
+    from pyrovae.objectives import make_loss
+
+    gm = gmvae()
+    x = torch.rand(8, 64)
+    elbo = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)
+    for n_data, beta in ((80, 1.0), (8, 0.5)):
+        pyro.set_rng_seed(5)
+        ref = elbo.differentiable_loss(gm.model, gm.guide, x, n_data=n_data, beta=beta) / n_data
+        pyro.set_rng_seed(5)
+        got = make_loss(gm, "trace_enum")(x, n_data, beta, None)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_cluster_conditioned_sample_comes_from_that_component():
     """Linear decoder, Normal likelihood: E[x|z] = W z + b, so the mean of many conditioned
     samples is W mu_k + b, and mapping it back through W recovers component k's mean."""
