@@ -263,9 +263,20 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
     p = cli("evaluate", str(run), "--json", "--iwae-samples", "10", "-q")
     assert p.rc == 0, p.stderr
     out = json.loads(p.stdout)
-    assert math.isfinite(out["log_likelihood"])
+    assert (
+        math.isfinite(out["log_likelihood"])
+        and "c summed out exactly" in out["log_likelihood_note"]
+    )
+    assert 0.0 < out["cluster_accuracy"] <= 1.0 and 1 <= out["clusters_used"] <= 10
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
+    p = cli("sample", str(run), "--cluster", "3", "-n", "8", "--out", str(tmp_path / "c.npy"))
+    assert p.rc == 0, p.stderr
+    import numpy as np
+
+    assert np.load(tmp_path / "c.npy").shape[0] == 8
+    p = cli("sample", str(run), "--cluster", "10", "--out", str(tmp_path / "c.npy"))
+    assert p.rc == 2 and "cluster: expected an integer in [0, 9]" in p.stderr
     p = cli("fit", str(cfg), "--out", str(tmp_path / "bad"), "--set", "model.clusters=1")
     assert p.rc == 2 and "model.clusters" in p.stderr
     assert len(p.stderr.strip().splitlines()) <= 2

@@ -199,6 +199,11 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
     assert p.rc == 0, p.stderr
     out = json.loads(p.stdout)
     assert math.isfinite(out["log_likelihood"])
+    assert {"kl_z1", "kl_z2", "reconstruction"} <= set(out)
+    # the ELBO's terms add up to the test ELBO (independent one-draw estimates: loosely)
+    assert out["reconstruction"] - out["kl_z1"] - out["kl_z2"] == pytest.approx(
+        out["test_elbo"], abs=1.0
+    )
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
     assert (tmp_path / "s.png").stat().st_size > 0
