@@ -170,6 +170,50 @@ def test_cluster_conditioned_sample_comes_from_that_component():
         gm.sample(2, cluster=3)
 
 
+@pytest.mark.parametrize("cluster_guide", ["conditional", "mean_field"])
+def test_iwae_with_the_cluster_summed_reaches_the_closed_form_log_likelihood(cluster_guide):
+    """Linear decoder and Gaussian likelihood: p(x) = sum_c p(c) N(x; W mu_c + b,
+    W diag(s_c^2) W^T + sigma^2 I) exactly. With the guide fitted for 600 steps (model
+    fixed; every q(z|x,c) must cover its cluster's posterior, also where q(c|x) is small),
+    `evaluate.log_likelihood` (c summed inside each weight) with K = 2000 is within 0.02 nats
+    of it on average over 200 points and 0.2 at every point; the ELBO is below it."""
+    from pyrovae import evaluate
+    from pyrovae.objectives import make_loss
+
+    pyro.set_rng_seed(0)
+    gm = gmvae(
+        data_shape=(6,),
+        clusters=3,
+        latent_dim=2,
+        decoder={"kind": "linear"},
+        likelihood={"kind": "normal", "scale": 0.5},
+        cluster_guide=cluster_guide,
+    ).double()
+    with torch.no_grad():
+        gm.component_loc.copy_(torch.tensor([[-2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]))
+        x = gm.sample(200, mean=False)
+    w, b = gm.decoder.weight.detach(), gm.decoder.bias.detach()
+    comps = gm.component(torch.arange(3))
+    loc = comps.mean @ w.T + b  # (3, 6)
+    cov = w @ torch.diag_embed(comps.variance) @ w.T + 0.25 * torch.eye(6).double()
+    log_pxc = torch.distributions.MultivariateNormal(loc, cov).log_prob(x.unsqueeze(1))
+    exact = torch.logsumexp(log_pxc + math.log(1 / 3), -1).detach()
+
+    params = [p for n, p in gm.named_parameters() if n.startswith("encoder")]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    loss = make_loss(gm, "trace_enum")
+    for _ in range(600):
+        opt.zero_grad()
+        loss(x, 200, 1.0, None).backward()
+        opt.step()
+    ll = evaluate.log_likelihood(gm.model, gm.guide, x, 2000)
+    with torch.no_grad():
+        elbo = -pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(gm.model, gm.guide, x) / 200
+    assert abs((ll - exact).mean().item()) < 0.02
+    assert (ll - exact).abs().max().item() < 0.2
+    assert elbo < exact.mean().item() - 0.05
+
+
 def test_cluster_accuracy_protocols():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
     # a permutation of the labels with one mistake: one-to-one matching finds 7/8
