@@ -49,6 +49,14 @@ def test_elbo(model, x: torch.Tensor, batch: int = 500) -> float:
     return total / len(x)
 
 
+def shown_args(argv: list[str]) -> str:
+    """The command line as recorded in the result: machine-specific folders as placeholders."""
+    out, hide = [], {"--root": "<mnist-root>", "--out": "<run-folder>"}
+    for i, a in enumerate(argv):
+        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else a)
+    return " ".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=25.0, help="training budget (wall clock)")
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/structured_gmvae.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        + shown_args(sys.argv[1:] if argv is None else argv),
         "protocol": "cluster_accuracy: argmax_c q(c|x) on all 10,000 test images, one-to-one "
         "(Hungarian) matching of clusters to digits; test_elbo: nats per image, c summed exactly",
         "curve": [],

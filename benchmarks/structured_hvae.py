@@ -51,6 +51,14 @@ def nll(model, x: torch.Tensor, k: int, max_rows: int) -> tuple[float, float]:
     return float(-ll.mean()), float(ll.std() / len(ll) ** 0.5)
 
 
+def shown_args(argv: list[str]) -> str:
+    """The command line as recorded in the result: machine-specific folders as placeholders."""
+    out, hide = [], {"--root": "<mnist-root>", "--out": "<run-folder>"}
+    for i, a in enumerate(argv):
+        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else a)
+    return " ".join(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=25.0, help="training budget (wall clock)")
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/structured_hvae.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        + shown_args(sys.argv[1:] if argv is None else argv),
         "protocol": "test NLL = -IWAE bound (K samples, proposal q(z1|x) q(z2|z1)) on dynamically "
         "binarized MNIST test images (binarized once, fixed seed), nats per image; kl_z*: "
         "per-layer KL terms of the ELBO, one draw per image",
