@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["train_minutes"] = spent / 60
             res_path.write_text(json.dumps(result, indent=2))
             raise SystemExit("interrupted; continue with --resume")
-        run.model.eval()
+        run.model.to(device).eval()
         m = run.model.metrics(x_test, y_test)
         point = {
             "epochs": epochs,
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         res_path.write_text(json.dumps(result, indent=2))
         print(json.dumps(point), flush=True)
     if run is not None:
-        run.model.eval()
+        run.model.to(device).eval()
         result["test_elbo"] = test_elbo(run.model, x_test)
         res_path.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2))

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["train_minutes"] = spent / 60
             res_path.write_text(json.dumps(result, indent=2))
             raise SystemExit("interrupted; continue with --resume")
-        run.model.eval()
+        run.model.to(device).eval()
         mean, se = nll(run.model, x_curve, args.curve_k, max_rows)
         point = {
             "epochs": epochs,
