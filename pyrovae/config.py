@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import tomli_w
 from pydantic import (
@@ -72,6 +72,14 @@ class ModelConfig(_Section):
     #: `cvae` with condition "quadrants": numbers of given quadrants trained on, each point
     #: drawing one of them per step (default [1, 2, 3]; the Pyro CVAE example's tasks)
     given: Optional[list[Literal[1, 2, 3]]] = None  # noqa: UP045
+    #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
+    clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
+    #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
+    cluster_guide: Optional[Literal["conditional", "mean_field"]] = None  # noqa: UP045
+    #: `hvae` only: sizes of the stochastic layers z_1 (next to x) ... z_L (top), L >= 2
+    latent_dims: Optional[list[Annotated[int, Field(ge=1)]]] = None  # noqa: UP045
+    #: `hvae` only: hidden sizes of the MLPs of p(z_l | z_{l+1}) and q(z_{l+1} | z_l)
+    layer_hidden: Optional[list[Annotated[int, Field(ge=1)]]] = None  # noqa: UP045
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> ModelConfig:
@@ -85,6 +93,36 @@ class ModelConfig(_Section):
             raise ValueError('model.given applies to model.condition = "quadrants"')
         if self.given is not None and not self.given:
             raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
+        return self
+
+    @model_validator(mode="after")
+    def _gmvae_hvae_fields(self) -> ModelConfig:
+        """What a `gmvae` or an `hvae` does not take, and the hvae's layers."""
+        unused = {
+            "gmvae": {
+                "prior": "p(z|c) is the model's own mixture",
+                "guide": "q(c|x) q(z|x,c) is the model's own",
+            },
+            "hvae": {"latent_dim": "use model.latent_dims"},
+        }.get(self.kind, {})
+        for name, why in unused.items():
+            # compared with the default, not `model_fields_set`: a saved config.toml holds
+            # every field, and must load again
+            if getattr(self, name) != ModelConfig.model_fields[name].default:
+                raise ValueError(
+                    f"model.{name} does not apply to kind = {self.kind!r} ({why}); remove it"
+                )
+        if self.kind == "hvae":
+            if self.latent_dims is None or len(self.latent_dims) < 2:
+                raise ValueError(
+                    "model.latent_dims: kind = 'hvae' needs at least 2 stochastic layers, "
+                    f"e.g. [64, 32]; got {self.latent_dims!r}"
+                )
+            if self.prior.kind == "vamp":
+                raise ValueError(
+                    "model.prior: kind = 'vamp' needs q(z|x) of the top layer in closed form, "
+                    "which an hvae does not have; use normal, normal_learned, mixture or flow"
+                )
         return self
 
     @model_validator(mode="before")
@@ -118,6 +156,10 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "alpha": ("m2",),
     "condition": ("cvae", "cvae_baseline"),
     "given": ("cvae", "cvae_baseline"),
+    "clusters": ("gmvae",),
+    "cluster_guide": ("gmvae",),
+    "latent_dims": ("hvae",),
+    "layer_hidden": ("hvae",),
 }
 
 
@@ -169,6 +211,17 @@ class Config(_Section):
             raise ValueError(
                 'train.objective: model.kind = "m2" trains with "trace_enum" (y summed out) or '
                 f'"trace_elbo" (y sampled, score-function gradient); got {self.train.objective!r}'
+            )
+        needs = {"gmvae": ("trace_enum",), "hvae": ("trace_elbo", "trace_enum", "iwae")}
+        allowed = needs.get(self.model.kind)
+        if allowed and self.train.objective not in allowed:
+            why = {
+                "gmvae": "its cluster c is summed out exactly by enumeration",
+                "hvae": "a layer's KL given the sampled layer above has no closed form",
+            }[self.model.kind]
+            raise ValueError(
+                f"train.objective: kind = {self.model.kind!r} needs "
+                f"{' or '.join(repr(a) for a in allowed)} ({why}); got {self.train.objective!r}"
             )
         return self
 

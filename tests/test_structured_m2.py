@@ -28,7 +28,13 @@ SMALL = {
         "decoder": {"kind": "mlp", "hidden": [32]},
         "alpha": 5.0,
     },
-    "train": {"objective": "trace_enum", "epochs": 2, "batch_size": 64, "lr": 3e-3, "device": "cpu"},
+    "train": {
+        "objective": "trace_enum",
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "device": "cpu",
+    },
 }
 
 
@@ -116,7 +122,11 @@ def test_bad_label_inputs_are_one_line_errors(tmp_path, capsys):
     arr = np.random.default_rng(0).random((40, 8, 8)).astype("float32")
     np.save(tmp_path / "nolabels.npy", arr)
     with pytest.raises(DataError, match="has no labels"):
-        load_data(load_config({**SMALL, "data": {"dataset": str(tmp_path / "nolabels.npy"), "labels": 10}}).data)
+        load_data(
+            load_config(
+                {**SMALL, "data": {"dataset": str(tmp_path / "nolabels.npy"), "labels": 10}}
+            ).data
+        )
     # unknown classes: labels 0..9 but model.classes = 5, through the CLI (exit 2, one line)
     cfg = tmp_path / "m2.toml"
     import tomli_w
@@ -151,8 +161,25 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
     assert "expected a class in 0..9" in capsys.readouterr().err
     assert main(["sample", str(run), "-n", "4", "--cluster", "1", "--out", str(out), "-q"]) == 2
     assert "does not take this condition" in capsys.readouterr().err
-    assert main(["diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "20",
-                 "--max-points", "20", "--iwae-points", "20", "-q"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                str(run),
+                "--json",
+                "--iwae-samples",
+                "8",
+                "--khat-samples",
+                "20",
+                "--max-points",
+                "20",
+                "--iwae-points",
+                "20",
+                "-q",
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["structured"] and d["latent_sites"]["z"]["dim"] == 4
     assert "not run for structured models" in d["not_applicable"]

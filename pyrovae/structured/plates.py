@@ -1,0 +1,35 @@
+r"""The two program pieces every structured model shares with `pyrovae.VAE`.
+
+* `data_plate(x, n_data)`: `pyro.plate("data", N, subsample=arange(B))` for a minibatch `x` of
+  `B` out of `N` points, so Pyro scales every per-datapoint log density by $N/B$ and the loss
+  is an unbiased estimate of the full-data negative ELBO (`pyro.plate("data", B)` when `n_data`
+  is `None` or `B`).
+* `latent_weight(beta)`: β on the latent sites, `poutine.scale(beta)` (β > 0) or
+  `poutine.mask(False)` (β = 0), i.e. $-E_q[\log p(x|z)] + \beta\,\mathrm{KL}$.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pyro
+import torch
+from pyro import poutine
+
+
+def data_plate(x: torch.Tensor, n_data: int | None) -> pyro.plate:
+    """The data plate over the batch `x` (subsampled from `n_data` points when given)."""
+    b = x.shape[0]
+    if n_data is None or n_data == b:
+        return pyro.plate("data", b, device=x.device)
+    idx = torch.arange(b, device=x.device)
+    return pyro.plate("data", n_data, subsample=idx, device=x.device)
+
+
+def latent_weight(beta: float):
+    """β on the latent sites inside the block (a no-op for β = 1)."""
+    if beta == 1.0:
+        return contextlib.nullcontext()
+    if beta == 0.0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=beta)
