@@ -1,4 +1,4 @@
-"""Command-line interface: `pyrovae fit | evaluate | sample | compare`.
+"""Command-line interface: `pyrovae fit | evaluate | sample | compare | migrate`.
 
 User errors (bad config, bad data, missing files, unsafe checkpoints, data changed since
 training, a run folder another `fit` is writing) print one line starting with `pyrovae: error:`
@@ -85,6 +85,7 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from pyrovae.runs import CHECKPOINT
     from pyrovae.workflow import fit
 
     config = args.config
@@ -102,7 +103,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     if run.interrupted:
         print(
-            f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'} "
+            f"pyrovae: interrupted; checkpoint written to {run.dir / CHECKPOINT} "
             f"(epoch {len(run.history)} complete). Continue with: "
             f"pyrovae fit --out {shlex.quote(str(args.out))} --resume",
             file=sys.stderr,
@@ -202,6 +203,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pyrovae.runs import migrate_run
+
+    for folder in args.run_dirs:
+        path, converted = migrate_run(folder)
+        if converted:
+            print(f"converted {folder}: checkpoint.pt -> {path.name} + {path.parent.name}/*.safetensors")
+        else:
+            print(f"{folder}: already in the current format ({path.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyrovae",
@@ -273,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _plugin_args(c, accept=False)
     c.set_defaults(func=_cmd_compare)
+
+    m = sub.add_parser(
+        "migrate",
+        help="convert run folders of an older pyrovae (checkpoint.pt) to safetensors + JSON",
+        epilog="examples:\n  pyrovae migrate runs/vae\n  pyrovae migrate runs/*\n\n"
+        "The pickled checkpoint.pt is read with torch.load(weights_only=True) (no code is run),\n"
+        "checked, written as checkpoint.json + checkpoint-NNNNNN.safetensors, and deleted only\n"
+        "once the new files are complete: a crash at any moment leaves a loadable folder.",
+        formatter_class=raw,
+    )
+    m.add_argument("run_dirs", nargs="+", metavar="RUN")
+    _plugin_args(m, accept=False)
+    m.set_defaults(func=_cmd_migrate)
 
     import importlib
 

@@ -29,6 +29,7 @@ from pyrovae.progress import log, stage
 from pyrovae.runs import (
     CHECKPOINT,
     CONFIG,
+    LEGACY_CHECKPOINT,
     METRICS,
     UNITS,
     Run,
@@ -37,6 +38,7 @@ from pyrovae.runs import (
     atomic_write_json,
     check_data_fingerprint,
     load_checkpoint,
+    migration_message,
     remove_stale_temp_files,
     save_run_checkpoint,
     stored_config,
@@ -74,6 +76,8 @@ class RunWriter(Callback):
                 raise
             if path.suffix == "" and (e.filename2 or e.filename):  # a folder: name the file
                 path = Path(e.filename2 or e.filename)
+            elif e.filename2 and Path(e.filename2).parent == path.parent:  # one file of a set
+                path = Path(e.filename2)
             raise write_error(path, e, self.folder, self.last_checkpoint) from e
 
     def save(self, trainer: Trainer) -> None:
@@ -139,6 +143,8 @@ def _resumed_config(
     if ckpt.exists():
         state = load_checkpoint(ckpt)
         stored = stored_config(state, ckpt, accept_plugin_changes)
+    elif (out / LEGACY_CHECKPOINT).exists():
+        raise CheckpointError(migration_message(out))
     elif (out / CONFIG).is_file():  # killed before the first checkpoint: start over
         stored = load_config(out / CONFIG)
     else:
@@ -178,9 +184,11 @@ def fit(
 
     Everything the user can get wrong (config, data files, data support, shapes) is checked
     before `out_dir` is created, so a bad input leaves no folder behind (nor any parent folder
-    created for it). With `resume=True` the run continues from `out_dir/checkpoint.pt` (the
+    created for it). With `resume=True` the run continues from `out_dir/checkpoint.json` (the
     stored config is used; its `train.epochs` may be raised by the given config); if the run
-    was killed before its first checkpoint, it starts over from `out_dir/config.toml`.
+    was killed before its first checkpoint, it starts over from `out_dir/config.toml`. A folder
+    of an older pyrovae (`checkpoint.pt`) is refused with the command that converts it
+    (`pyrovae migrate`).
     Temporary files a killed process left in `out_dir` are removed. `callbacks` are passed to
     the `Trainer` (after the one that writes the checkpoint every epoch).
 
@@ -229,9 +237,10 @@ def _fit_locked(
     state = None
 
     def refuse_existing_run() -> None:
-        if ckpt.exists():
+        held = [p.name for p in (ckpt, out / LEGACY_CHECKPOINT) if p.exists()]
+        if held:
             raise ConfigError(
-                f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                f"{out} already holds a run ({held[0]}): pass --resume to continue it, or "
                 "choose another --out"
             )
 
