@@ -520,14 +520,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     state = {
         k: join_tensors(v, tensors, used, path, k) for k, v in manifest.items() if k not in _META
     }
+    state["format_version"] = FORMAT_VERSION
+    check_state(state, path)
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(
             f"{tpath}: holds tensors {', '.join(extra[:4])} that {path.name} does not name; "
             "expected the tensors of one checkpoint"
         )
-    state["format_version"] = FORMAT_VERSION
-    check_state(state, path)
     return state
 
 
@@ -817,7 +817,7 @@ def stored_config(
                 f"or install the package): {' '.join(str(e).split())}"
             ) from None
         raise CheckpointError(
-            f"{path}: the config stored in the checkpoint is invalid: {e}"
+            f"{path}: the config stored in the checkpoint is invalid: {' '.join(str(e).split())}"
         ) from None
     now = {p["key"]: p for p in plugins_used(cfg)}
     for p in recorded:
