@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mnist_nll import nll  # noqa: E402
 
-from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
-
 import pyrovae  # noqa: E402
+from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -282,6 +282,12 @@ def _fit_locked(
     remove_stale_temp_files(out)
     last = (state["epoch"], state["step_in_epoch"]) if state is not None else None
     writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
+    extra: list[Callback] = []
+    if cfg.train.log:
+        from pyrovae.tblog import TensorBoardLogger
+
+        parts = data.x_val if len(data.x_val) else data.x_train
+        extra.append(TensorBoardLogger(out, tuple(data.shape), parts, cfg.train.log_every))
     trainer = Trainer(
         model,
         cfg.train,
@@ -289,7 +295,7 @@ def _fit_locked(
         data.x_val,
         dynamic_binarize=data.binarize == "dynamic",
         device=device,
-        callbacks=[writer, *callbacks],
+        callbacks=[writer, *extra, *callbacks],
         progress=progress,
     )
     try:
@@ -306,12 +312,17 @@ def _fit_locked(
         if not finished:
             writer.save(trainer)
     except BaseException as e:
+        for cb in extra:
+            cb.close()  # before the folder it writes in may be removed
         if created is not None and not ckpt.exists():
             shutil.rmtree(created, ignore_errors=True)  # nothing resumable was written
         if isinstance(e, TrainingError):
             last = f" The last good checkpoint is {ckpt}." if ckpt.exists() else ""
             raise TrainingError(f"{e}{last}") from None
         raise
+    finally:
+        for cb in extra:
+            cb.close()
     run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
     if finished:
         run.metrics = final_metrics(run)

@@ -454,7 +454,8 @@ def test_save_refuses_nonfinite_parameters(tmp_path):
     trainer = Trainer(pyrovae.build_model(cfg, data.shape), cfg.train, data.x_train, progress=False)
     save_run_checkpoint(tmp_path, cfg, data.shape, trainer.state_dict())  # finite: written
     assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 0
-    (tmp_path / CHECKPOINT).unlink()
+    for p in tmp_path.iterdir():  # checkpoint.json and its .safetensors
+        p.unlink()
     with torch.no_grad():
         next(trainer.model.parameters())[0] = float("inf")
     with pytest.raises(pyrovae.TrainingError, match="non-finite parameters"):
