@@ -41,6 +41,7 @@ EPILOG_COMPARE = """\
 examples:
   pyrovae compare examples/configs/digits_vae.toml --out runs/compare
   pyrovae compare CONFIG --out runs/compare --set train.epochs=10
+  pyrovae compare runs/* --out curves.png      # one table of many run folders, and their curves
 """
 
 #: other modules add subcommands here: name -> (add_arguments, handler)
@@ -190,12 +191,67 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def runs_table(rows: list[dict]) -> str:
+    """One table of many run folders (`pyrovae.workflow.compare_runs` rows)."""
+    head = ["run", "kind", "epochs", "final val", "best val (epoch)", "test ELBO", "test NLL",
+            "seconds", "differs"]  # fmt: skip
+    body = []
+    for r in rows:
+        best = "—" if r["best_val"] is None else f"{r['best_val']:.2f} ({r['best_epoch']})"
+        differs = ", ".join(f"{k}={v}" for k, v in r["differs"].items()) or "—"
+        body.append([
+            r["name"], r["kind"], str(r["epochs"]) + ("" if r["finished"] else " (running or stopped)"),
+            _fmt(r["final_val"]), best, _fmt(r["test_elbo"]), _fmt(r["test_nll"]),
+            _fmt(r["seconds"], 1), differs if len(differs) <= 80 else differs[:77] + "...",
+        ])  # fmt: skip
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
+            out.append(c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w))
+        return "  ".join(out).rstrip()
+
+    notes = (
+        "final/best val: validation ELBO (VAE, higher is better) or validation loss (AE, lower "
+        "is better) per epoch, nats per datapoint; test ELBO: single-sample ELBO on the test "
+        "split at the end of fit; test NLL: importance-sampled -log p(x) where metrics.json "
+        "holds one; differs: config values that are not the same in every run."
+    )
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *[line(x) for x in body], "", textwrap.fill(notes, 100)])
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pyrovae.config import load_config
-    from pyrovae.workflow import compare
+    from pyrovae.workflow import compare, compare_runs
 
+    targets = list(args.targets)
+    if targets and (len(targets) > 1 or Path(targets[0]).is_dir()):
+        bad = next((t for t in targets if not Path(t).is_dir()), None)
+        if bad is not None:
+            raise PyroVAEError(
+                f"{bad}: not a run folder ({'no such folder' if not Path(bad).exists() else 'a file'}); "
+                "expected run folders written by pyrovae fit (pyrovae compare RUN RUN ...) or "
+                "one CONFIG file"
+            )
+        if args.set:
+            raise PyroVAEError("--set applies to pyrovae compare CONFIG, not to run folders")
+        out = Path(args.out) if args.out else None
+        if out is not None and out.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise PyroVAEError(f"--out {out}: expected a .png, .pdf or .svg file for the plot")
+        rows = compare_runs(targets)
+        print(runs_table(rows))
+        if out is not None:
+            from pyrovae.plots import compare_curves
+
+            compare_curves(rows, out)
+            print(f"\nplot of the {len(rows)} runs' curves: {out}")
+        return 0
+    if not args.out:
+        raise PyroVAEError("pyrovae compare CONFIG needs --out FOLDER (where the VAE and AE runs go)")
     out = Path(args.out)
-    rows = compare(load_config(args.config, args.set), out)
+    rows = compare(load_config(targets[0] if targets else None, args.set), out)
     table = comparison_table(rows)
     (out / "comparison.txt").write_text(table + "\n")
     print(table)
@@ -275,14 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
-        help="train the VAE and the AE baseline from one config and print a table",
+        help="train the VAE and the AE baseline from one config, or tabulate and plot run folders",
         epilog=EPILOG_COMPARE,
         formatter_class=raw,
     )
     c.add_argument(
-        "config", nargs="?", default=None, help="TOML config (default: the built-in digits config)"
+        "targets",
+        nargs="*",
+        metavar="CONFIG | RUN",
+        help="one TOML config (default: the built-in digits config): train a VAE and its AE; "
+        "or run folders: one table of them and a plot of their curves",
     )
-    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--out",
+        default=None,
+        help="CONFIG: the folder for the two runs (required); RUN folders: the plot (.png, .pdf, .svg)",
+    )
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _plugin_args(c, accept=False)
     c.set_defaults(func=_cmd_compare)

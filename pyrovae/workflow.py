@@ -416,3 +416,89 @@ def compare(
         log.info("training the %s (%s)", name, out / kind)
         rows.append((name, fit(c, out / kind, progress=progress).metrics))
     return rows
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder `pyrovae fit` wrote (it holds metrics.json and a checkpoint)."""
+    from pyrovae.runs import LEGACY_CHECKPOINT
+
+    d = Path(path)
+    return d.is_dir() and (d / METRICS).is_file() and (
+        (d / CHECKPOINT).is_file() or (d / LEGACY_CHECKPOINT).is_file()
+    )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per run folder, read from its `metrics.json` and `config.toml` (no model is
+    loaded, no data): name, kind, epochs, final and best validation ELBO (AE: loss) with the
+    epoch of the best, test ELBO and, where `metrics.json` holds one, the importance-sampled
+    test log-likelihood, training seconds, and `differs`: the config keys whose values are not
+    the same in all the runs (`data.root`, `train.device` and `train.log*` left out).
+
+    `CheckpointError` naming the folder for anything that is not a run folder.
+    """
+    import json
+
+    rows = []
+    for d in map(Path, dirs):
+        if not d.exists():
+            raise CheckpointError(f"{d}: no such run folder")
+        if not is_run_folder(d):
+            raise CheckpointError(
+                f"{d}: not a run folder: expected {METRICS} and {CHECKPOINT} (written by "
+                "pyrovae fit); `pyrovae compare CONFIG` trains a VAE and an AE instead"
+            )
+        try:
+            m = json.loads((d / METRICS).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{d / METRICS}: not valid JSON ({e})") from None
+        try:
+            cfg = load_config(d / CONFIG)
+        except ConfigError as e:
+            raise CheckpointError(f"{d / CONFIG}: {' '.join(str(e).split())}") from None
+        hist = m.get("history") if isinstance(m, dict) else None
+        if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+            raise CheckpointError(f"{d / METRICS}: expected a 'history' list of per-epoch tables")
+        kind = cfg.model.kind
+        key = "val_loss" if kind == "ae" else "val_elbo"
+        vals = [(h.get(key), h.get("epoch")) for h in hist if isinstance(h.get(key), (int, float))]
+        best = (min if kind == "ae" else max)(vals, default=(None, None))
+        ll = m.get("log_likelihood")
+        rows.append(
+            {
+                "name": d.name or str(d),
+                "dir": str(d),
+                "kind": kind,
+                "epochs": len(hist),
+                "final_val": vals[-1][0] if vals else None,
+                "best_val": best[0],
+                "best_epoch": best[1],
+                "val_metric": key,
+                "test_elbo": m.get("test_elbo"),
+                "test_nll": -ll if isinstance(ll, (int, float)) else None,
+                "seconds": m.get("train_seconds", sum(h.get("epoch_seconds", 0) for h in hist)),
+                "finished": "test_points" in m,
+                "history": hist,
+                "config": _flat(cfg.to_dict()),
+            }
+        )
+    skip = ("data.root", "train.device", "train.log", "train.log_every")
+    keys = sorted({k for r in rows for k in r["config"]} - set(skip))
+    differ = [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1]
+    for r in rows:
+        r["differs"] = {k: r["config"].get(k) for k in differ}
+    names = [r["name"] for r in rows]
+    if len(set(names)) < len(names):  # same folder names in different places: full paths
+        for r in rows:
+            r["name"] = r["dir"]
+    return rows
