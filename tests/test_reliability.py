@@ -924,6 +924,9 @@ def test_fit_writes_only_inside_its_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     pyrovae.fit(tiny_config(train={"epochs": 1}), work / "runs" / "r", progress=False)
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    events = [f for f in files if f.startswith("runs/r/tb/events.out.tfevents.")]
+    assert len(events) == 1  # TensorBoard's event file (train.log = true, the default)
+    files = [f for f in files if f not in events]
     figures = ["latent_scatter.png", "loss_curves.png", "reconstructions.png", "samples.png"]
     want = [
         "runs/r/checkpoint-000001.safetensors",
