@@ -9,8 +9,10 @@ process.
 Two trainers are built from the same seed; each repeat trains one epoch (or
 `--epochs-per-repeat`) with each, in alternating order, and times it, the logger's per-epoch
 work (ELBO parts and KL per dimension on 256 validation points, the images, the flush to the
-event file) included. The result is the median of the per-repeat ratios (logged / not logged)
-at the default interval (`train.log_every`, 50 steps) unless `--log-every` says otherwise.
+event file) included. Results: the median of the per-repeat ratios (logged / not logged) and
+the ratio of the totals, in wall-clock time and in CPU time of this process
+(`time.process_time`, less disturbed by other processes on a shared machine), at the default
+interval (`train.log_every`, 50 steps) unless `--log-every` says otherwise.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
                 dynamic_binarize=data.binarize == "dynamic", callbacks=cbs, progress=False,
             )  # fmt: skip
         times: dict[str, list[float]] = {"on": [], "off": []}
+        cpu: dict[str, list[float]] = {"on": [], "off": []}
         for name in ("on", "off"):  # warm-up epoch (imports, first event file)
             stoppers[name].until = trainers[name].epoch + 1
             trainers[name].train()
@@ -87,20 +90,25 @@ def main(argv=None) -> int:
                 tr = trainers[name]
                 stoppers[name].until = tr.epoch + a.epochs_per_repeat
                 tr.stop_requested = None
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tr.train()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         loggers["on"].close()
         n_events = sum(f.stat().st_size for f in (tmp / "tb").iterdir())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = statistics.median(x / y for x, y in zip(times["on"], times["off"], strict=True))
     total = sum(times["on"]) / sum(times["off"])
+    cpu_ratio = statistics.median(x / y for x, y in zip(cpu["on"], cpu["off"], strict=True))
+    cpu_total = sum(cpu["on"]) / sum(cpu["off"])
     steps = -(-len(data.x_train) // cfg.train.batch_size)
     res = {
         "overhead_ratio": ratio,
         "overhead_percent": 100 * (ratio - 1),
         "total_ratio": total,
+        "cpu_overhead_ratio": cpu_ratio,
+        "cpu_total_ratio": cpu_total,
         "heavy_epochs": f"{loggers['on'].heavy_count} of {trainers['on'].epoch}",
         "seconds_per_repeat": {k: statistics.median(v) for k, v in times.items()},
         "dataset": cfg.data.dataset,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+import torch
 from conftest import tiny_config
 
 import pyrovae
@@ -379,3 +380,88 @@ def test_sigkill_during_a_set_write_leaves_a_complete_set(npy_run):
     assert len(list(run.glob("checkpoint-*.safetensors"))) == 1
     assert all(p.name.startswith((".checkpoint", "checkpoint-")) for p in removed)
     load_checkpoint(run / CHECKPOINT)
+
+
+# ------------------------------------------------------- any module, any torch optimizer
+class _Tied(torch.nn.Module):
+    """Tied weights (one storage, two names), a BatchNorm (int64 and float buffers), float16 and
+    bfloat16 parameters, a non-contiguous buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 6)
+        self.dec = torch.nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight  # tied: one tensor under two names
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.f16 = torch.nn.Parameter(torch.randn(3, dtype=torch.float16))
+        self.brain = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.bfloat16))
+        self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())
+
+    def forward(self, x):
+        err = self.norm(self.dec(torch.tanh(self.enc(x)))) - x
+        return (err**2).mean() + (self.f16.float() ** 2).sum() + (self.brain.float() ** 2).sum()
+
+
+def _same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, list) and len(a) == len(b), where  # tuples come back as lists
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}.{i}")
+    else:
+        assert a == b and type(a) is type(b), (where, a, b)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+        lambda p: torch.optim.LBFGS(p, lr=0.5, history_size=3),
+        lambda p: torch.optim.Adagrad(p, lr=0.1),
+    ],
+    ids=["adam-amsgrad", "sgd-nesterov", "adamw", "lbfgs", "adagrad"],
+)
+def test_any_module_and_optimizer_round_trip_through_a_run_folder(npy_run, tmp_path, make_opt):
+    """The checkpoint set stores any `nn.Module.state_dict()` and any torch optimizer's
+    `state_dict()` (nested per-parameter state, int keys, lists of tensors (L-BFGS), tuples,
+    bools, None): what comes back is equal entry by entry (tuples as lists), and an
+    optimizer loaded from it takes the same next step as the original."""
+    run, _ = npy_run
+    state = load_checkpoint(run / CHECKPOINT)
+    torch.manual_seed(0)
+    net = _Tied()
+    params = [p for p in net.parameters() if p.dtype == torch.float32]
+    opt = make_opt(params)
+    x = torch.randn(5, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    state["model"], state["optimizer"] = net.state_dict(), opt.state_dict()
+    state.pop("format_version")
+    save_checkpoint(tmp_path / CHECKPOINT, state)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    got = load_checkpoint(tmp_path / CHECKPOINT)
+    _same(net.state_dict(), got["model"], "model")
+    _same(opt.state_dict(), got["optimizer"], "optimizer")
+
+    twin = _Tied()
+    twin.load_state_dict(got["model"])
+    twin_opt = make_opt([p for p in twin.parameters() if p.dtype == torch.float32])
+    twin_opt.load_state_dict(got["optimizer"])
+    assert twin.dec.weight is twin.enc.weight
+    for model, o in ((net, opt), (twin, twin_opt)):
+        o.step(lambda model=model, o=o: (o.zero_grad(), model(x).backward(), model(x))[-1])
+    _same(net.state_dict(), twin.state_dict(), "after one more step")
