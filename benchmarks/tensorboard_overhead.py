@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import pyrovae  # noqa: E402
-from pyrovae.tblog import TensorBoardLogger  # noqa: E402
+from pyrovae.tblog import TensorBoardLogger, parts_data  # noqa: E402
 from pyrovae.train import Callback, Trainer  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             stoppers[name] = StopAt()
             cbs = [stoppers[name]]
             if name == "on":
-                parts = data.x_val if len(data.x_val) else data.x_train
+                parts = parts_data(data, cfg.train.seed)
                 loggers[name] = TensorBoardLogger(tmp, tuple(data.shape), parts, cfg.train.log_every)
                 cbs = [loggers[name], *cbs]
             trainers[name] = Trainer(

@@ -284,9 +284,9 @@ def _fit_locked(
     writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
     extra: list[Callback] = []
     if cfg.train.log:
-        from pyrovae.tblog import TensorBoardLogger
+        from pyrovae.tblog import TensorBoardLogger, parts_data
 
-        parts = data.x_val if len(data.x_val) else data.x_train
+        parts = parts_data(data, cfg.train.seed)
         extra.append(TensorBoardLogger(out, tuple(data.shape), parts, cfg.train.log_every))
     trainer = Trainer(
         model,

@@ -140,3 +140,17 @@ def test_compare_rejects_what_is_not_a_run_folder(logged, tmp_path, capsys, make
     assert len(lines) == 1 and str(bad) in lines[0] and needle in lines[0], err
     rc, _, err = cli(capsys, "compare", logged.dir, "--out", tmp_path / "x.txt")
     assert rc == 2 and "expected a .png, .pdf or .svg file" in err
+
+
+def test_dynamic_binarization_without_validation_split_gets_elbo_parts(tmp_path):
+    """No validation split and dynamic binarization (the MNIST configs): the parts are
+    computed on binarized training points (inside the Bernoulli likelihood's support)."""
+    cfg = tiny_config(
+        data={"binarize": "dynamic", "val_fraction": 0},
+        model={"likelihood": {"kind": "bernoulli"}},
+        train={"epochs": 1},
+    )
+    pyrovae.fit(cfg, tmp_path / "r", progress=False, figures=False)
+    s = tb_scalars(tmp_path / "r")
+    assert {"elbo/elbo", "elbo/kl", "kl_per_dim/0"} <= set(s)
+    assert "epoch/val_elbo" not in s and "epoch/train_elbo" in s
