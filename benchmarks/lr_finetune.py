@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from mnist_nll import nll  # noqa: E402
 
 import pyrovae  # noqa: E402
+from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -58,10 +59,10 @@ def main() -> None:
         cfg = pyrovae.load_config(out / "config.toml", sets + [f"data.root={json.dumps(root)}"])
         # --resume only lets train.epochs change; continue with the stored state under the new rate
         cfg.save(out / "config.toml")
-        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        state = load_checkpoint(out / CHECKPOINT)
         state["config"] = cfg.to_dict()
         state["lr"] = a.lr
-        torch.save(state, out / "checkpoint.pt")
+        save_checkpoint(out / CHECKPOINT, state)
         after_run = pyrovae.fit(cfg, out, resume=True, progress=False, figures=False)
         pyro.set_rng_seed(1)
         after = nll(after_run, x, 100)

@@ -1,4 +1,4 @@
-"""Command-line interface: `pyrovae fit | evaluate | sample | compare`.
+"""Command-line interface: `pyrovae fit | evaluate | sample | compare | migrate`.
 
 User errors (bad config, bad data, missing files, unsafe checkpoints, data changed since
 training, a run folder another `fit` is writing) print one line starting with `pyrovae: error:`
@@ -43,6 +43,7 @@ EPILOG_COMPARE = """\
 examples:
   pyrovae compare examples/configs/digits_vae.toml --out runs/compare
   pyrovae compare CONFIG --out runs/compare --set train.epochs=10
+  pyrovae compare runs/* --out curves.png      # one table of many run folders, and their curves
 """
 
 #: other modules add subcommands here: name -> (add_arguments, handler)
@@ -87,6 +88,7 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from pyrovae.runs import CHECKPOINT
     from pyrovae.workflow import fit
 
     config = args.config
@@ -104,7 +106,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     if run.interrupted:
         print(
-            f"pyrovae: interrupted; checkpoint written to {run.dir / 'checkpoint.pt'} "
+            f"pyrovae: interrupted; checkpoint written to {run.dir / CHECKPOINT} "
             f"(epoch {len(run.history)} complete). Continue with: "
             f"pyrovae fit --out {shlex.quote(str(args.out))} --resume",
             file=sys.stderr,
@@ -232,16 +234,83 @@ def _structured_sample(model, args: argparse.Namespace, condition: dict):
     return x, f"{model.kind} samples" + (f", {what}" if what else "")
 
 
+def runs_table(rows: list[dict]) -> str:
+    """One table of many run folders (`pyrovae.workflow.compare_runs` rows)."""
+    head = ["run", "kind", "epochs", "final val", "best val (epoch)", "test ELBO", "test NLL",
+            "seconds", "differs"]  # fmt: skip
+    body = []
+    for r in rows:
+        best = "—" if r["best_val"] is None else f"{r['best_val']:.2f} ({r['best_epoch']})"
+        differs = ", ".join(f"{k}={v}" for k, v in r["differs"].items()) or "—"
+        body.append([
+            r["name"], r["kind"], str(r["epochs"]) + ("" if r["finished"] else " (running or stopped)"),
+            _fmt(r["final_val"]), best, _fmt(r["test_elbo"]), _fmt(r["test_nll"]),
+            _fmt(r["seconds"], 1), differs if len(differs) <= 80 else differs[:77] + "...",
+        ])  # fmt: skip
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True)):
+            out.append(c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w))
+        return "  ".join(out).rstrip()
+
+    notes = (
+        "final/best val: validation ELBO (VAE, higher is better) or validation loss (AE, lower "
+        "is better) per epoch, nats per datapoint; test ELBO: single-sample ELBO on the test "
+        "split at the end of fit; test NLL: importance-sampled -log p(x) where metrics.json "
+        "holds one; differs: config values that are not the same in every run."
+    )
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *[line(x) for x in body], "", textwrap.fill(notes, 100)])
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pyrovae.config import load_config
-    from pyrovae.workflow import compare
+    from pyrovae.workflow import compare, compare_runs
 
+    targets = list(args.targets)
+    if targets and (len(targets) > 1 or Path(targets[0]).is_dir()):
+        bad = next((t for t in targets if not Path(t).is_dir()), None)
+        if bad is not None:
+            raise PyroVAEError(
+                f"{bad}: not a run folder ({'no such folder' if not Path(bad).exists() else 'a file'}); "
+                "expected run folders written by pyrovae fit (pyrovae compare RUN RUN ...) or "
+                "one CONFIG file"
+            )
+        if args.set:
+            raise PyroVAEError("--set applies to pyrovae compare CONFIG, not to run folders")
+        out = Path(args.out) if args.out else None
+        if out is not None and out.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise PyroVAEError(f"--out {out}: expected a .png, .pdf or .svg file for the plot")
+        rows = compare_runs(targets)
+        print(runs_table(rows))
+        if out is not None:
+            from pyrovae.plots import compare_curves
+
+            compare_curves(rows, out)
+            print(f"\nplot of the {len(rows)} runs' curves: {out}")
+        return 0
+    if not args.out:
+        raise PyroVAEError("pyrovae compare CONFIG needs --out FOLDER (where the VAE and AE runs go)")
     out = Path(args.out)
-    rows = compare(load_config(args.config, args.set), out)
+    rows = compare(load_config(targets[0] if targets else None, args.set), out)
     table = comparison_table(rows)
     (out / "comparison.txt").write_text(table + "\n")
     print(table)
     print(f"\nrun folders: {out / 'vae'}, {out / 'ae'}; figures in their figures/ folders")
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pyrovae.runs import migrate_run
+
+    for folder in args.run_dirs:
+        path, converted = migrate_run(folder)
+        if converted:
+            print(f"converted {folder}: checkpoint.pt -> {path.name} + {path.parent.name}/*.safetensors")
+        else:
+            print(f"{folder}: already in the current format ({path.name})")
     return 0
 
 
@@ -317,17 +386,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "compare",
-        help="train the VAE and the AE baseline from one config and print a table",
+        help="train the VAE and the AE baseline from one config, or tabulate and plot run folders",
         epilog=EPILOG_COMPARE,
         formatter_class=raw,
     )
     c.add_argument(
-        "config", nargs="?", default=None, help="TOML config (default: the built-in digits config)"
+        "targets",
+        nargs="*",
+        metavar="CONFIG | RUN",
+        help="one TOML config (default: the built-in digits config): train a VAE and its AE; "
+        "or run folders: one table of them and a plot of their curves",
     )
-    c.add_argument("--out", required=True)
+    c.add_argument(
+        "--out",
+        default=None,
+        help="CONFIG: the folder for the two runs (required); RUN folders: the plot (.png, .pdf, .svg)",
+    )
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _plugin_args(c, accept=False)
     c.set_defaults(func=_cmd_compare)
+
+    m = sub.add_parser(
+        "migrate",
+        help="convert run folders of an older pyrovae (checkpoint.pt) to safetensors + JSON",
+        epilog="examples:\n  pyrovae migrate runs/vae\n  pyrovae migrate runs/*\n\n"
+        "The pickled checkpoint.pt is read with torch.load(weights_only=True) (no code is run),\n"
+        "checked, written as checkpoint.json + checkpoint-NNNNNN.safetensors, and deleted only\n"
+        "once the new files are complete: a crash at any moment leaves a loadable folder.",
+        formatter_class=raw,
+    )
+    m.add_argument("run_dirs", nargs="+", metavar="RUN")
+    _plugin_args(m, accept=False)
+    m.set_defaults(func=_cmd_migrate)
 
     import importlib
 

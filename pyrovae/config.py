@@ -187,6 +187,10 @@ class TrainConfig(_Section):
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)
     lr_backoff: float = Field(0.5, gt=0, lt=1)
+    #: TensorBoard logs under RUN/tb/ (`pyrovae.tblog`): scalars every `log_every` optimizer
+    #: steps and every epoch (ELBO and its parts, KL per dimension, lr, beta), images per epoch
+    log: bool = True
+    log_every: int = Field(50, ge=1)
 
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:

@@ -5,7 +5,7 @@ Generic estimators take any Pyro `(model, guide)` pair whose per-datapoint sites
 per-datapoint values in nats:
 
 * `psis_khat` — Pareto $\hat k$ of the importance weights $p(x, z)/q(z \mid x)$ per datapoint
-  (Vehtari et al. 2024, via `arviz.psislw`); `khat_summary` gives the shares
+  (Vehtari et al. 2024, via `arviz_stats`' PSIS); `khat_summary` gives the shares
   $\hat k < 0.5$ (good), $0.5 \le \hat k \le 0.7$ (usable), $\hat k > 0.7$ (q is a poor proposal).
 * `elbo_decomposition` — $\mathrm{ELBO} = E_q[\log p(x\mid z)] - \mathrm{KL}(q(z\mid x)\|p(z))$,
   KL per latent dimension, active units (Burda et al. 2016), mutual information $I(x;z)$ and
@@ -14,7 +14,8 @@ per-datapoint values in nats:
   and `collapse_verdict` in plain words.
 * `nuts_posterior` / `to_inference_data` / `compare_posteriors` — a gold-standard
   posterior $p(z\mid x)$ by NUTS for a few datapoints next to draws of $q(z\mid x)$, in one
-  ArviZ `InferenceData` (groups `posterior` = NUTS, `variational` = q).
+  ArviZ 1.x `xarray.DataTree` (groups `posterior` = NUTS, `variational` = q); R-hat and ESS
+  from `arviz_stats`.
 * `amortization_gap` — Cremer et al. (2018): $\log p(x) - \mathrm{ELBO}(q)$ splits into the
   approximation gap $\log p(x) - \mathrm{ELBO}(q^*)$ and the amortization gap
   $\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q)$, $q^*$ the best per-datapoint member of q's family.
@@ -74,7 +75,7 @@ from pyrovae.evaluate import (
 from pyrovae.progress import bar, log, show_bars
 
 if TYPE_CHECKING:
-    import arviz as az
+    import xarray as xr
 
     from pyrovae.runs import Run
 
@@ -137,17 +138,23 @@ def log_weights_chunked(
 
 # ---------------------------------------------------------------------------------------- PSIS
 def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
-    r"""Pareto $\hat k$ per datapoint from log weights `(K, N)` via `arviz.psislw`.
+    r"""Pareto $\hat k$ per datapoint from log weights $\log w = \log p(x,z) - \log q(z\mid x)$,
+    `(K, N)`, via `arviz_stats.base.array_stats.psislw` (ArviZ 1.x).
 
-    ArviZ < 1.0 takes *log importance ratios* (no sign flip; PSIS-LOO passes $-\log p$),
-    with the draws on the **last** axis, hence the transpose to `(N, K)`.
+    **Sign.** ArviZ 1.x's `psislw` smooths the right tail of the **negated** input (it is
+    written for PSIS-LOO, whose callers pass log-likelihoods, $\log r = -\log p$): it fits
+    the Pareto tail to $-\text{input}$. The importance ratios here are $w$, so we pass
+    $-\log w$ and it smooths $\log w$. (ArviZ 0.x's `az.psislw` took $\log w$ itself: the
+    sign flipped between the two.) Passing $\log w$ would fit the *left* tail, the small
+    weights, and call a too-narrow q good; `tests/test_diagnostics.py` checks both on a
+    closed form. Draws go on the **last** axis, hence the transpose to `(N, K)`.
     """
-    import arviz as az
+    from arviz_stats.base import array_stats
 
     arr = lw.detach().double().cpu().numpy().T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, k = az.psislw(arr, reff=1.0)
+        _, k = array_stats.psislw(-arr, r_eff=1.0, axis=-1)
     return torch.as_tensor(np.asarray(k, dtype=np.float64))
 
 
@@ -547,57 +554,56 @@ def _guide_frames(guide, x):
     ]
 
 
-def _dataset(z: torch.Tensor, point_ids: list[int]):
-    import arviz as az
-
-    d = z.shape[-1]
-    return az.dict_to_dataset(
-        {"z": z.cpu().double().numpy()},
-        dims={"z": ["point", "latent"]},
-        coords={"point": point_ids, "latent": list(range(d))},
-    )
-
-
 def to_inference_data(
     guide,
     x: torch.Tensor,
     num_samples: int = 500,
     mcmc_draws: torch.Tensor | None = None,
     point_ids: list[int] | None = None,
-) -> az.InferenceData:
-    r"""Posterior draws of z for the batch `x` as ArviZ `InferenceData`.
+) -> xr.DataTree:
+    r"""Posterior draws of z for the batch `x` as an ArviZ 1.x `xarray.DataTree`.
 
-    Without `mcmc_draws`: group `posterior` holds `num_samples` draws of $q(z\mid x)$
-    (one chain), variable `z` with dims `(chain, draw, point, latent)`. With `mcmc_draws`
-    (`(chains, draws, N, d)`, e.g. `NUTSResult.z`): `posterior` holds the MCMC draws and
-    the extra group `variational` the q draws. `observed_data` holds `x`.
+    ArviZ 1.x replaced `InferenceData` by `xarray.DataTree` (built here with
+    `arviz_base.from_dict`); groups are its children: `dt.posterior`, `dt["variational"]`,
+    `dt.observed_data`, and every `arviz_stats` function (`summary`, `rhat`, `ess`, ...)
+    takes it. Without `mcmc_draws`: group `posterior` holds `num_samples` draws of
+    $q(z\mid x)$ (one chain), variable `z` with dims `(chain, draw, point, latent)`. With
+    `mcmc_draws` (`(chains, draws, N, d)`, e.g. `NUTSResult.z`): `posterior` holds the MCMC
+    draws and the extra group `variational` the q draws. `observed_data` holds `x` (dims
+    `(point, feature)`).
     """
-    import arviz as az
+    from arviz_base import from_dict
 
     ids = point_ids if point_ids is not None else list(range(x.shape[0]))
-    q = _dataset(guide_draws(guide, x, num_samples).unsqueeze(0), ids)
-    obs = az.dict_to_dataset(
-        {"x": x.detach().cpu().double().numpy()},
-        default_dims=[],
-        dims={"x": ["point", "feature"]},
-        coords={"point": ids},
+    q = guide_draws(guide, x, num_samples).unsqueeze(0).cpu().double().numpy()
+    groups = {"posterior": {"z": q}, "observed_data": {"x": x.detach().cpu().double().numpy()}}
+    if mcmc_draws is not None:
+        groups = {
+            "posterior": {"z": mcmc_draws.cpu().double().numpy()},
+            "variational": {"z": q},
+            "observed_data": groups["observed_data"],
+        }
+    d = q.shape[-1]
+    return from_dict(
+        groups,
+        dims={"z": ["point", "latent"], "x": ["point", "feature"]},
+        coords={"point": ids, "latent": list(range(d))},
     )
-    if mcmc_draws is None:
-        return az.InferenceData(posterior=q, observed_data=obs)
-    return az.InferenceData(posterior=_dataset(mcmc_draws, ids), variational=q, observed_data=obs)
 
 
-def compare_posteriors(idata: az.InferenceData) -> dict[str, Any]:
+def compare_posteriors(idata: xr.DataTree) -> dict[str, Any]:
     """R-hat and ESS of the MCMC chains, and NUTS vs q means and sds per point and dimension.
 
+    `idata` is what `to_inference_data(..., mcmc_draws=...)` returns. R-hat (rank-normalized,
+    split) and bulk ESS come from `arviz_stats.rhat` / `arviz_stats.ess`.
     `std_mean_diff` is (mean_q - mean_NUTS) / sd_NUTS; `sd_ratio` is sd_q / sd_NUTS (< 1:
     q is too narrow, the usual failure of KL(q||p)-fitted posteriors).
     """
-    import arviz as az
+    import arviz_stats
 
-    post, var = idata.posterior["z"], idata["variational"]["z"]
-    rhat = az.rhat(idata.posterior)["z"].values
-    ess = az.ess(idata.posterior)["z"].values
+    post, var = idata["posterior"]["z"], idata["variational"]["z"]
+    rhat = np.asarray(arviz_stats.rhat(idata, group="posterior")["z"].values)
+    ess = np.asarray(arviz_stats.ess(idata, group="posterior", method="bulk")["z"].values)
     m_p, s_p = post.mean(("chain", "draw")).values, post.std(("chain", "draw")).values
     m_q, s_q = var.mean(("chain", "draw")).values, var.std(("chain", "draw")).values
     return {

@@ -46,7 +46,7 @@ def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
         tmp.replace(path)
     except BaseException:  # disk full, permission denied: no half-written figure left
         tmp.unlink(missing_ok=True)
@@ -103,6 +103,30 @@ def loss_curves(history: list[dict], path: Path, kind: str) -> Path:
         ax.set_ylabel("reconstruction loss per datapoint")
     ax.set_xlabel("epoch")
     ax.legend()
+    return _save(fig, path)
+
+
+def compare_curves(rows: list[dict], path: Path) -> Path:
+    """Validation curves of many runs (`pyrovae.workflow.compare_runs` rows) in one figure:
+    validation ELBO per epoch (VAEs; training ELBO where a run has no validation split), and
+    a second panel with the validation loss of autoencoder runs if there are any."""
+    vae = [r for r in rows if r["kind"] != "ae"]
+    ae = [r for r in rows if r["kind"] == "ae"]
+    panels = [p for p in ((vae, "ELBO", "nats per datapoint"), (ae, "loss", "per datapoint")) if p[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (group, what, unit) in zip(axes[0], panels, strict=True):
+        for r in group:
+            h = r["history"]
+            key = f"val_{what.lower()}"
+            if not any(row.get(key) is not None for row in h):
+                key = f"train_{what.lower()}"
+            ep = [row["epoch"] for row in h if row.get(key) is not None]
+            ax.plot(ep, [row[key] for row in h if row.get(key) is not None],
+                    label=f"{r['name']} ({key.split('_')[0]})")  # fmt: skip
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{what} ({unit})")
+        ax.set_title(f"{what} per epoch", fontsize=10)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

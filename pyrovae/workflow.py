@@ -29,6 +29,7 @@ from pyrovae.progress import log, stage
 from pyrovae.runs import (
     CHECKPOINT,
     CONFIG,
+    LEGACY_CHECKPOINT,
     METRICS,
     UNITS,
     Run,
@@ -37,6 +38,7 @@ from pyrovae.runs import (
     atomic_write_json,
     check_data_fingerprint,
     load_checkpoint,
+    migration_message,
     remove_stale_temp_files,
     save_run_checkpoint,
     stored_config,
@@ -74,6 +76,8 @@ class RunWriter(Callback):
                 raise
             if path.suffix == "" and (e.filename2 or e.filename):  # a folder: name the file
                 path = Path(e.filename2 or e.filename)
+            elif e.filename2 and Path(e.filename2).parent == path.parent:  # one file of a set
+                path = Path(e.filename2)
             raise write_error(path, e, self.folder, self.last_checkpoint) from e
 
     def save(self, trainer: Trainer) -> None:
@@ -139,6 +143,8 @@ def _resumed_config(
     if ckpt.exists():
         state = load_checkpoint(ckpt)
         stored = stored_config(state, ckpt, accept_plugin_changes)
+    elif (out / LEGACY_CHECKPOINT).exists():
+        raise CheckpointError(migration_message(out))
     elif (out / CONFIG).is_file():  # killed before the first checkpoint: start over
         stored = load_config(out / CONFIG)
     else:
@@ -178,9 +184,11 @@ def fit(
 
     Everything the user can get wrong (config, data files, data support, shapes) is checked
     before `out_dir` is created, so a bad input leaves no folder behind (nor any parent folder
-    created for it). With `resume=True` the run continues from `out_dir/checkpoint.pt` (the
+    created for it). With `resume=True` the run continues from `out_dir/checkpoint.json` (the
     stored config is used; its `train.epochs` may be raised by the given config); if the run
-    was killed before its first checkpoint, it starts over from `out_dir/config.toml`.
+    was killed before its first checkpoint, it starts over from `out_dir/config.toml`. A folder
+    of an older pyrovae (`checkpoint.pt`) is refused with the command that converts it
+    (`pyrovae migrate`).
     Temporary files a killed process left in `out_dir` are removed. `callbacks` are passed to
     the `Trainer` (after the one that writes the checkpoint every epoch).
 
@@ -229,9 +237,10 @@ def _fit_locked(
     state = None
 
     def refuse_existing_run() -> None:
-        if ckpt.exists():
+        held = [p.name for p in (ckpt, out / LEGACY_CHECKPOINT) if p.exists()]
+        if held:
             raise ConfigError(
-                f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or "
+                f"{out} already holds a run ({held[0]}): pass --resume to continue it, or "
                 "choose another --out"
             )
 
@@ -273,6 +282,12 @@ def _fit_locked(
     remove_stale_temp_files(out)
     last = (state["epoch"], state["step_in_epoch"]) if state is not None else None
     writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
+    extra: list[Callback] = []
+    if cfg.train.log:
+        from pyrovae.tblog import TensorBoardLogger, parts_data
+
+        parts = parts_data(data, cfg.train.seed)
+        extra.append(TensorBoardLogger(out, tuple(data.shape), parts, cfg.train.log_every))
     trainer = Trainer(
         model,
         cfg.train,
@@ -280,7 +295,7 @@ def _fit_locked(
         data.x_val,
         dynamic_binarize=data.binarize == "dynamic",
         device=device,
-        callbacks=[writer, *callbacks],
+        callbacks=[writer, *extra, *callbacks],
         progress=progress,
         y_train=data.y_train,
         y_val=data.y_val,
@@ -299,12 +314,17 @@ def _fit_locked(
         if not finished:
             writer.save(trainer)
     except BaseException as e:
+        for cb in extra:
+            cb.close()  # before the folder it writes in may be removed
         if created is not None and not ckpt.exists():
             shutil.rmtree(created, ignore_errors=True)  # nothing resumable was written
         if isinstance(e, TrainingError):
             last = f" The last good checkpoint is {ckpt}." if ckpt.exists() else ""
             raise TrainingError(f"{e}{last}") from None
         raise
+    finally:
+        for cb in extra:
+            cb.close()
     run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
     if finished:
         run.metrics = final_metrics(run)
@@ -423,4 +443,90 @@ def compare(
         c.model.kind = kind
         log.info("training the %s (%s)", name, out / kind)
         rows.append((name, fit(c, out / kind, progress=progress).metrics))
+    return rows
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder `pyrovae fit` wrote (it holds metrics.json and a checkpoint)."""
+    from pyrovae.runs import LEGACY_CHECKPOINT
+
+    d = Path(path)
+    return d.is_dir() and (d / METRICS).is_file() and (
+        (d / CHECKPOINT).is_file() or (d / LEGACY_CHECKPOINT).is_file()
+    )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per run folder, read from its `metrics.json` and `config.toml` (no model is
+    loaded, no data): name, kind, epochs, final and best validation ELBO (AE: loss) with the
+    epoch of the best, test ELBO and, where `metrics.json` holds one, the importance-sampled
+    test log-likelihood, training seconds, and `differs`: the config keys whose values are not
+    the same in all the runs (`data.root`, `train.device` and `train.log*` left out).
+
+    `CheckpointError` naming the folder for anything that is not a run folder.
+    """
+    import json
+
+    rows = []
+    for d in map(Path, dirs):
+        if not d.exists():
+            raise CheckpointError(f"{d}: no such run folder")
+        if not is_run_folder(d):
+            raise CheckpointError(
+                f"{d}: not a run folder: expected {METRICS} and {CHECKPOINT} (written by "
+                "pyrovae fit); `pyrovae compare CONFIG` trains a VAE and an AE instead"
+            )
+        try:
+            m = json.loads((d / METRICS).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{d / METRICS}: not valid JSON ({e})") from None
+        try:
+            cfg = load_config(d / CONFIG)
+        except ConfigError as e:
+            raise CheckpointError(f"{d / CONFIG}: {' '.join(str(e).split())}") from None
+        hist = m.get("history") if isinstance(m, dict) else None
+        if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+            raise CheckpointError(f"{d / METRICS}: expected a 'history' list of per-epoch tables")
+        kind = cfg.model.kind
+        key = "val_loss" if kind == "ae" else "val_elbo"
+        vals = [(h.get(key), h.get("epoch")) for h in hist if isinstance(h.get(key), (int, float))]
+        best = (min if kind == "ae" else max)(vals, default=(None, None))
+        ll = m.get("log_likelihood")
+        rows.append(
+            {
+                "name": d.name or str(d),
+                "dir": str(d),
+                "kind": kind,
+                "epochs": len(hist),
+                "final_val": vals[-1][0] if vals else None,
+                "best_val": best[0],
+                "best_epoch": best[1],
+                "val_metric": key,
+                "test_elbo": m.get("test_elbo"),
+                "test_nll": -ll if isinstance(ll, (int, float)) else None,
+                "seconds": m.get("train_seconds", sum(h.get("epoch_seconds", 0) for h in hist)),
+                "finished": "test_points" in m,
+                "history": hist,
+                "config": _flat(cfg.to_dict()),
+            }
+        )
+    skip = ("data.root", "train.device", "train.log", "train.log_every")
+    keys = sorted({k for r in rows for k in r["config"]} - set(skip))
+    differ = [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1]
+    for r in rows:
+        r["differs"] = {k: r["config"].get(k) for k in differ}
+    names = [r["name"] for r in rows]
+    if len(set(names)) < len(names):  # same folder names in different places: full paths
+        for r in rows:
+            r["name"] = r["dir"]
     return rows

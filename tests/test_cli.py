@@ -41,7 +41,7 @@ def fitted(cli, tmp_path_factory):
 
 
 def test_fit_writes_run_folder(fitted):
-    assert (fitted / "checkpoint.pt").exists()
+    assert (fitted / "checkpoint.json").exists()
     for name in ("samples", "reconstructions", "latent_scatter", "loss_curves"):
         assert_png(fitted / "figures" / f"{name}.png")
     assert "epochs = 2" in (fitted / "config.toml").read_text()
@@ -80,13 +80,13 @@ def test_resume_extends_training(cli, fitted):
     before = json.loads((fitted / "metrics.json").read_text())["history"]
     steps = [
         float(s["step"])
-        for s in load_checkpoint(fitted / "checkpoint.pt")["optimizer"]["state"].values()
+        for s in load_checkpoint(fitted / "checkpoint.json")["optimizer"]["state"].values()
     ]
     assert len(before) == 2 and set(steps) == {4.0}
     cli("fit", "--out", str(fitted), "--resume", "--set", "train.epochs=3")
     m = json.loads((fitted / "metrics.json").read_text())
     assert len(m["history"]) == 3 and m["history"][:2] == before
-    state = load_checkpoint(fitted / "checkpoint.pt")
+    state = load_checkpoint(fitted / "checkpoint.json")
     assert state["epoch"] == 3 and {
         float(s["step"]) for s in state["optimizer"]["state"].values()
     } == {6.0}

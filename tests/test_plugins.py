@@ -17,6 +17,7 @@ import pyrovae
 from pyrovae.cli import main
 from pyrovae.errors import ConfigError
 from pyrovae.registry import load_plugin
+from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAST = [
@@ -50,7 +51,7 @@ def test_example_plugins_fit_evaluate_diagnose_sample(tmp_path, capsys, config, 
     src = copy_plugin(plugin, tmp_path / "elsewhere", f"renamed_{plugin}")
     out = tmp_path / "run"
     assert cli("fit", EXAMPLES / "configs" / config, "--plugin", src, "--out", out, *FAST) == 0
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / CHECKPOINT)
     assert state["plugins"] and all(p["sha256"] and p["file"] == str(src) for p in state["plugins"])
     capsys.readouterr()
     assert cli("evaluate", out, "--plugin", src, "--iwae-samples", "20", "--json") == 0
@@ -104,12 +105,11 @@ def test_changed_or_missing_plugin_is_a_clear_error(tmp_path, capsys):
     assert cli("fit", cfg, "--plugin", src, "--out", out, *FAST) == 0
     capsys.readouterr()
     # a fresh process would not have the plugin: simulate with a run whose plugin is unknown
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / CHECKPOINT)
     state["config"]["model"]["prior"]["kind"] = "student_t_never_loaded"
     state["plugins"][0]["kind"] = "student_t_never_loaded"
-    from pyrovae.runs import save_checkpoint
-
-    save_checkpoint(tmp_path / "missing" / "checkpoint.pt", state)
+    state.pop("format_version")
+    save_checkpoint(tmp_path / "missing" / CHECKPOINT, state)
     assert cli("evaluate", tmp_path / "missing") == 2
     err = capsys.readouterr().err
     assert "student_t_never_loaded" in err and "--plugin" in err and "Traceback" not in err

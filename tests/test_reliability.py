@@ -32,7 +32,14 @@ from conftest import ENV, ROOT, Result, tiny_config
 
 import pyrovae
 from pyrovae import CheckpointError, ConfigError, DataError, load_config
-from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint
+from pyrovae.runs import (
+    CHECKPOINT,
+    LEGACY_CHECKPOINT,
+    load_checkpoint,
+    migrate_run,
+    save_checkpoint,
+    save_legacy_checkpoint,
+)
 
 
 def write_config(path: Path, **sections) -> Path:
@@ -306,7 +313,7 @@ def test_out_is_a_file_or_resume_from_nothing(server, tmp_path):
     assert_user_error(server.run("fit", cfg, "--out", afile), "afile", "expected a run folder")
     assert afile.read_text() == "keep me"
     assert_user_error(
-        server.run("fit", "--out", tmp_path / "none", "--resume"), "none", "no checkpoint.pt"
+        server.run("fit", "--out", tmp_path / "none", "--resume"), "none", "no checkpoint.json"
     )
     assert not (tmp_path / "none").exists()
 
@@ -447,7 +454,8 @@ def test_save_refuses_nonfinite_parameters(tmp_path):
     trainer = Trainer(pyrovae.build_model(cfg, data.shape), cfg.train, data.x_train, progress=False)
     save_run_checkpoint(tmp_path, cfg, data.shape, trainer.state_dict())  # finite: written
     assert load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 0
-    (tmp_path / CHECKPOINT).unlink()
+    for p in tmp_path.iterdir():  # checkpoint.json and its .safetensors
+        p.unlink()
     with torch.no_grad():
         next(trainer.model.parameters())[0] = float("inf")
     with pytest.raises(pyrovae.TrainingError, match="non-finite parameters"):
@@ -486,13 +494,13 @@ def test_sigkill_at_random_moments_never_breaks_the_run(server, tmp_path):
         if i == 0:  # while loading data / during the first epoch: before any checkpoint
             time.sleep(0.05)
         elif i % 2:  # aim at a checkpoint write: kill as soon as its temporary file appears
-            _wait_for(lambda: any(out.glob(".checkpoint.pt.*.tmp")), timeout=20)
+            _wait_for(lambda: any(out.glob(".checkpoint*.tmp")), timeout=20)
         else:  # anywhere: steps, validation, checkpoint or metrics writes
             time.sleep(rng.uniform(0.0, 0.6))
         os.kill(pid, signal.SIGKILL)
         res = server.wait()
         assert res.rc == -signal.SIGKILL, res.stderr
-        seen["mid_write"] += any(out.glob(".checkpoint.pt.*.tmp"))
+        seen["mid_write"] += any(out.glob(".checkpoint*.tmp"))
         if (out / CHECKPOINT).exists():
             seen["checkpoint"] += 1
             run = pyrovae.load_run(out)  # never fails
@@ -579,11 +587,11 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_over(server, tmp
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.toml").write_text(cfg.read_text())
-    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (out / ".checkpoint.json.abc123.tmp").write_bytes(b"half a checkpoint")
     res = server.run("fit", "--out", out, "--resume")
     assert res.rc == 0, res.stderr
     assert len(pyrovae.load_run(out).history) == 1
-    assert not (out / ".checkpoint.pt.abc123.tmp").exists()
+    assert not (out / ".checkpoint.json.abc123.tmp").exists()
 
 
 # =============================================================================================
@@ -610,9 +618,11 @@ class _OpenPayload:
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
+    """Copy a run folder's files (config, checkpoint set, metrics; not the figures)."""
     dst.mkdir(parents=True)
-    for name in ("config.toml", CHECKPOINT, "metrics.json"):
-        (dst / name).write_bytes((src / name).read_bytes())
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
     return dst
 
 
@@ -625,22 +635,36 @@ def _rewrite(run: Path, edit) -> Path:
     return run / CHECKPOINT
 
 
+def _make_legacy(run: Path) -> Path:
+    """Turn a run folder into one of an older pyrovae: the same state as a torch.save'd
+    checkpoint.pt, no checkpoint.json / .safetensors."""
+    state = load_checkpoint(run / CHECKPOINT)
+    for p in [run / CHECKPOINT, *run.glob("checkpoint-*.safetensors")]:
+        p.unlink()
+    save_legacy_checkpoint(run / LEGACY_CHECKPOINT, state)
+    return run / LEGACY_CHECKPOINT
+
+
 @pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload])
 @pytest.mark.parametrize("how", ["inside_a_checkpoint", "bare_pickle"])
 def test_crafted_pickle_checkpoint_is_refused_without_running_code(
     digits_run, tmp_path, payload, how
 ):
+    """A pickled checkpoint.pt (an older pyrovae's format) is never unpickled by `load_run` or
+    `fit --resume` (they name `pyrovae migrate`); `migrate_run` reads it with
+    `weights_only=True` and refuses the payload without running it."""
     run = _copy_run(digits_run.dir, tmp_path / "run")
+    legacy = _make_legacy(run)
     marker = tmp_path / "pwned"
     if how == "inside_a_checkpoint":
-        state = torch.load(run / CHECKPOINT, weights_only=True)
+        state = torch.load(legacy, weights_only=True)
         state["history"] = payload(marker)
-        torch.save(state, run / CHECKPOINT)
+        torch.save(state, legacy)
     else:
-        (run / CHECKPOINT).write_bytes(pickle.dumps(payload(marker), protocol=2))
+        legacy.write_bytes(pickle.dumps(payload(marker), protocol=2))
     # the payload is live: an unsafe load would create the file
     try:
-        torch.load(run / CHECKPOINT, weights_only=False)
+        torch.load(legacy, weights_only=False)
     except RuntimeError:  # a bare pickle: torch unpickles it first, then finds no magic number
         pass
     assert marker.exists()
@@ -650,65 +674,171 @@ def test_crafted_pickle_checkpoint_is_refused_without_running_code(
         with pytest.raises(CheckpointError) as e:
             load(run)
         msg = str(e.value)
-        assert str(run / CHECKPOINT) in msg and "refused to load" in msg
-        assert "asks to import the Python object" in msg and "nothing in it was executed" in msg
-        assert ("system" if payload is _ShellPayload else "open") in msg.split("Python object")[1]
-    assert not marker.exists()
+        assert str(legacy) in msg and f"pyrovae migrate {run}" in msg
+    with pytest.raises(CheckpointError) as e:
+        migrate_run(run)
+    msg = str(e.value)
+    assert str(legacy) in msg and "refused to load" in msg
+    assert "asks to import the Python object" in msg and "nothing in it was executed" in msg
+    assert ("system" if payload is _ShellPayload else "open") in msg.split("Python object")[1]
+    assert not marker.exists() and legacy.is_file() and not (run / CHECKPOINT).exists()
 
 
 def test_crafted_pickle_checkpoint_via_cli(server, digits_run, tmp_path):
     run = _copy_run(digits_run.dir, tmp_path / "run")
+    legacy = _make_legacy(run)
     marker = tmp_path / "pwned"
-    (run / CHECKPOINT).write_bytes(pickle.dumps(_ShellPayload(marker)))
+    legacy.write_bytes(pickle.dumps(_ShellPayload(marker)))
     for argv in (
         ["evaluate", run],
         ["sample", run, "--out", tmp_path / "s.png"],
         ["fit", "--out", run, "--resume"],
     ):
-        assert_user_error(server.run(*argv), str(run / CHECKPOINT), "refused to load")
+        assert_user_error(server.run(*argv), str(legacy), f"pyrovae migrate {run}")
+    assert_user_error(server.run("migrate", run), str(legacy), "refused to load")
     assert not marker.exists() and not (tmp_path / "s.png").exists()
 
 
-def _truncate(run: Path, keep: float) -> None:
-    raw = (run / CHECKPOINT).read_bytes()
-    (run / CHECKPOINT).write_bytes(raw[: int(len(raw) * keep)])
+def test_migrate_converts_an_old_run_folder_in_place(server, digits_run, tmp_path):
+    """`pyrovae migrate RUN` turns checkpoint.pt into checkpoint.json + .safetensors with the
+    same state (parameters, optimizer, RNG states, history); the run then loads and resumes;
+    a second migrate says it is current; a crash after the new set was written (both formats
+    present) is finished by the next migrate."""
+    run = _copy_run(digits_run.dir, tmp_path / "run")
+    want = load_checkpoint(run / CHECKPOINT)
+    legacy = _make_legacy(run)
+    res = server.run("migrate", run)
+    assert res.rc == 0, res.stderr
+    assert "converted" in res.stdout and not legacy.exists()
+    got = load_checkpoint(run / CHECKPOINT)
+    for key in ("model", "torch_rng", "batch_rng", "history", "config", "epoch", "lr"):
+        a, b = want[key], got[key]
+        if isinstance(a, dict) and key == "model":
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert a == b
+    sa, sb = want["optimizer"]["state"], got["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]
+    )
+    assert not list(run.glob("*.pt")) and not list(run.glob(".*"))
+    assert_same_params(pyrovae.load_run(run).model, digits_run.model)
+    res = server.run("migrate", run)
+    assert res.rc == 0 and "already in the current format" in res.stdout
+    save_legacy_checkpoint(legacy, want)  # killed between the new set and deleting the old file
+    assert migrate_run(run) == (run / CHECKPOINT, True) and not legacy.exists()
+    assert_user_error(server.run("migrate", tmp_path / "nothing"), "run folder not found")
 
 
-def _flip_header(run: Path) -> None:
-    raw = bytearray((run / CHECKPOINT).read_bytes())
+# ----------------------------------------------------------------- damaged checkpoint sets
+def _tensor_file(run: Path) -> Path:
+    return run / json.loads((run / CHECKPOINT).read_text())["tensors"]["file"]
+
+
+def _truncate(path: Path, keep: float) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+def _zero_head(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
     raw[:16] = b"\x00" * 16
-    (run / CHECKPOINT).write_bytes(bytes(raw))
+    path.write_bytes(bytes(raw))
+
+
+def _edit_json(run: Path, edit) -> None:
+    """Apply ``edit(manifest)`` to checkpoint.json as a hand edit would (no re-save)."""
+    m = json.loads((run / CHECKPOINT).read_text())
+    edit(m)
+    (run / CHECKPOINT).write_text(json.dumps(m))
+
+
+def _craft_tensors(run: Path, header=None, raw=None, size_ok: bool = True) -> None:
+    """Rewrite the safetensors file: ``header(h)`` edits its JSON header (data kept), ``raw(b)``
+    edits the whole byte string; then make checkpoint.json's recorded size agree (so the
+    safetensors reader, not the size check, meets the damage)."""
+    import struct
+
+    path = _tensor_file(run)
+    blob = path.read_bytes()
+    if header is not None:
+        (n,) = struct.unpack("<Q", blob[:8])
+        h = json.loads(blob[8 : 8 + n])
+        header(h)
+        text = json.dumps(h).encode()
+        blob = struct.pack("<Q", len(text)) + text + blob[8 + n :]
+    if raw is not None:
+        blob = raw(blob)
+    path.write_bytes(blob)
+    if size_ok:
+        _edit_json(run, lambda m: m["tensors"].__setitem__("bytes", len(blob)))
+
+
+def _first(h: dict, prefix: str) -> dict:
+    return next(v for k, v in h.items() if k.startswith(prefix))
 
 
 @pytest.mark.parametrize(
     "damage,needles",
     [
-        (lambda r: _truncate(r, 0.0), ["refused to load", "truncated or corrupt"]),
-        (lambda r: _truncate(r, 0.5), ["refused to load", "truncated or corrupt"]),
-        (lambda r: _truncate(r, 0.999), ["refused to load"]),
-        (_flip_header, ["refused to load"]),
-        (lambda r: (r / CHECKPOINT).write_text("just text"), ["refused to load"]),
-        (lambda r: torch.save({**load_checkpoint(r / CHECKPOINT), "format_version": 99}, r / CHECKPOINT), ["expected format_version 1, got 99"]),
-        (lambda r: torch.save({"model": {}}, r / CHECKPOINT), ["expected format_version 1, got None"]),
-        (lambda r: torch.save([1, 2], r / CHECKPOINT), ["expected format_version 1, got 'list'"]),
+        # checkpoint.json damaged
+        (lambda r: _truncate(r / CHECKPOINT, 0.0), ["checkpoint.json: refused to load", "not valid JSON"]),
+        (lambda r: _truncate(r / CHECKPOINT, 0.5), ["checkpoint.json: refused to load", "truncated or corrupt"]),
+        (lambda r: _truncate(r / CHECKPOINT, 0.999), ["checkpoint.json: refused to load"]),
+        (lambda r: _zero_head(r / CHECKPOINT), ["checkpoint.json: refused to load"]),
+        (lambda r: (r / CHECKPOINT).write_text("just text"), ["checkpoint.json: refused to load"]),
+        (lambda r: _edit_json(r, lambda m: m.__setitem__("format_version", 99)), ["expected format_version 2, got 99"]),
+        (lambda r: (r / CHECKPOINT).write_text('{"model": {}}'), ["expected format_version 2, got None"]),
+        (lambda r: (r / CHECKPOINT).write_text("[1, 2]"), ["expected format_version 2, got 'list'"]),
         (lambda r: _rewrite(r, lambda s: s["config"]["model"].__setitem__("latent_dim", 3)), ["parameters do not match the stored config", "size mismatch"]),
         (lambda r: _rewrite(r, lambda s: s["config"]["model"]["encoder"].__setitem__("hidden", [16, 16])), ["parameters do not match the stored config"]),
         (lambda r: _rewrite(r, lambda s: s.__setitem__("data_shape", [1, 8, 9])), ["parameters do not match the stored config"]),
         (lambda r: _rewrite(r, lambda s: s.__setitem__("data_shape", [0])), ["entry 'data_shape'", "positive integers", "got [0]"]),
         (lambda r: _rewrite(r, lambda s: s.pop("history")), ["incomplete checkpoint", "missing history"]),
+        (lambda r: _edit_json(r, lambda m: m.pop("history")), ["incomplete checkpoint", "missing history"]),
         (lambda r: _rewrite(r, lambda s: s.__setitem__("epoch", "3")), ["entry 'epoch'", "expected an integer >= 0", "got '3'"]),
+        (lambda r: _edit_json(r, lambda m: m.__setitem__("lr", "fast")), ["entry 'lr'", "finite number", "got 'fast'"]),
+        (lambda r: _edit_json(r, lambda m: m.__setitem__("history", {"epoch": 1})), ["entry 'history'", "got a dict"]),
+        (lambda r: _edit_json(r, lambda m: m.__setitem__("torch_rng", [1, 2, 3])), ["entry 'torch_rng'", "uint8 RNG-state tensor", "got [1, 2, 3]"]),
+        (lambda r: _edit_json(r, lambda m: m.__setitem__("perm", {"__tensor__": "nope"})), ["entry 'perm'", "does not hold"]),
+        (lambda r: _edit_json(r, lambda m: m["optimizer"].__setitem__("state", {"__items__": "x"})), ["entry 'optimizer.state'", "[key, value] pairs"]),
+        (lambda r: _edit_json(r, lambda m: m.pop("tensors")), ["entry 'tensors'", "expected {file"]),
+        (lambda r: _edit_json(r, lambda m: m["tensors"].__setitem__("file", "../../etc/passwd")), ["entry 'tensors'", "in the same folder"]),
+        (lambda r: _edit_json(r, lambda m: m["tensors"].__setitem__("bytes", "many")), ["entry 'tensors'"]),
         (lambda r: _rewrite(r, lambda s: s["config"]["train"].__setitem__("lr", -1)), ["config stored in the checkpoint is invalid", "train.lr"]),
         (lambda r: _rewrite(r, lambda s: s.__setitem__("kind", "ae")), ["entry 'kind' is 'ae'", "model.kind = 'vae'"]),
         (lambda r: _rewrite(r, lambda s: next(iter(s["model"].values())).fill_(float("nan"))), ["holds NaN/inf values"]),
         (lambda r: ((r / CHECKPOINT).unlink(), (r / CHECKPOINT).mkdir()), ["expected a checkpoint file"]),
         (lambda r: (r / CHECKPOINT).unlink(), ["checkpoint not found"]),
         (lambda r: (r / "metrics.json").write_text("{not json"), ["metrics.json: not valid JSON"]),
+        # the .safetensors file damaged
+        (lambda r: _tensor_file(r).unlink(), [".safetensors: missing", "copy the whole run folder"]),
+        (lambda r: _truncate(_tensor_file(r), 0.5), [".safetensors: refused to load", "bytes (as checkpoint.json says)", "truncated or corrupt"]),
+        (lambda r: _craft_tensors(r, raw=lambda b: b[:-1]), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, raw=lambda b: b"\x00" * 8 + b[8:]), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, raw=lambda b: (2**62).to_bytes(8, "little") + b[8:]), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, raw=lambda b: (len(b) + 10).to_bytes(8, "little") + b[8:]), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, header=lambda h: _first(h, "model.").__setitem__("dtype", "Q9")), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, header=lambda h: _first(h, "model.").__setitem__("dtype", "F64")), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, header=lambda h: h["torch_rng"].__setitem__("dtype", "I8")), ["entry 'torch_rng'", "uint8 RNG-state tensor", "torch.int8"]),
+        (lambda r: _craft_tensors(r, header=lambda h: _first(h, "model.").__setitem__("data_offsets", [0, 10**12])), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, header=lambda h: _first(h, "model.").__setitem__("shape", [10**9])), [".safetensors: refused to load", "not a valid safetensors file"]),
+        (lambda r: _craft_tensors(r, header=lambda h: h.__setitem__("extra", {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]})), ["holds tensors extra", "does not name"]),
+        (lambda r: _craft_tensors(r, raw=lambda b: b"\xff" * len(b)), [".safetensors: refused to load"]),
     ],
     ids=[
         "empty", "half", "last-byte-missing", "zeroed-header", "text", "format-99", "no-format",
         "not-a-dict", "latent-dim-changed", "hidden-changed", "data-shape-changed", "data-shape-zero",
-        "missing-entry", "wrong-type", "invalid-config", "kind-mismatch", "nan-parameter",
-        "is-a-folder", "missing", "metrics-json-corrupt",
+        "missing-entry", "json-missing-entry", "wrong-type", "json-lr-string", "json-history-dict",
+        "json-rng-list", "json-dangling-tensor-ref", "json-bad-items", "json-no-tensors-entry",
+        "json-tensors-file-outside", "json-tensors-bytes-string", "invalid-config", "kind-mismatch",
+        "nan-parameter", "is-a-folder", "missing", "metrics-json-corrupt",
+        "st-missing", "st-half", "st-last-byte-missing", "st-zeroed-header-length",
+        "st-oversized-header-length", "st-header-length-past-end", "st-unknown-dtype",
+        "st-dtype-size-mismatch", "st-wrong-dtype-same-size", "st-offsets-out-of-range",
+        "st-shape-too-large", "st-extra-tensor", "st-all-ff",
     ],
 )  # fmt: skip
 def test_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(
@@ -719,7 +849,7 @@ def test_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(
     with pytest.raises(CheckpointError) as e:
         pyrovae.load_run(run)
     msg = str(e.value)
-    assert str(run) in msg
+    assert str(run) in msg and "\n" not in msg
     for needle in needles:
         assert needle in msg, (needle, msg)
 
@@ -786,16 +916,21 @@ def test_config_is_data_never_evaluated(tmp_path):
 
 
 def test_fit_writes_only_inside_its_run_folder(tmp_path, monkeypatch):
-    """No config value is an output path: a run writes config.toml, checkpoint.pt, metrics.json
+    """No config value is an output path: a run writes config.toml, checkpoint.json + its
+    .safetensors, metrics.json
     and figures/*.png (fixed names) inside --out, and nothing else around it."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     pyrovae.fit(tiny_config(train={"epochs": 1}), work / "runs" / "r", progress=False)
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    events = [f for f in files if f.startswith("runs/r/tb/events.out.tfevents.")]
+    assert len(events) == 1  # TensorBoard's event file (train.log = true, the default)
+    files = [f for f in files if f not in events]
     figures = ["latent_scatter.png", "loss_curves.png", "reconstructions.png", "samples.png"]
     want = [
-        "runs/r/checkpoint.pt",
+        "runs/r/checkpoint-000001.safetensors",
+        "runs/r/checkpoint.json",
         "runs/r/config.toml",
         *(f"runs/r/figures/{f}" for f in figures),
         "runs/r/metrics.json",

@@ -8,6 +8,7 @@ command gives), except the lock test, which needs two real processes.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import logging
 import os
@@ -20,13 +21,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+import torch
 from conftest import tiny_config
 
 import pyrovae
 from pyrovae import DataError, RunLockedError, RunWriteError
 from pyrovae.cli import main
 from pyrovae.data import DataConfig, data_changes, fingerprint, load_data
-from pyrovae.runs import CHECKPOINT, LOCK, RunLock, load_checkpoint, save_checkpoint
+from pyrovae.runs import (
+    CHECKPOINT,
+    LOCK,
+    RunLock,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -246,11 +255,12 @@ def test_checkpoint_without_fingerprint_still_loads(npy_run, capsys):
 
 # ------------------------------------------------------------------- faults while writing
 def _fail_replace(monkeypatch, name: str, after: int, code: int) -> None:
-    """Make `os.replace` onto a file called `name` fail with `code` from its `after`+1-th call."""
+    """Make `os.replace` onto a file whose name matches the pattern `name` fail with `code`
+    from its `after`+1-th call."""
     real, calls = os.replace, {"n": 0}
 
     def replace(src, dst, *args, **kwargs):
-        if Path(dst).name == name:
+        if fnmatch.fnmatch(Path(dst).name, name):
             calls["n"] += 1
             if calls["n"] > after:
                 raise OSError(code, os.strerror(code), str(src), None, str(dst))
@@ -262,7 +272,8 @@ def _fail_replace(monkeypatch, name: str, after: int, code: int) -> None:
 @pytest.mark.parametrize(
     ("name", "after", "code", "survived"),
     [
-        ("checkpoint.pt", 1, errno.ENOSPC, "the last complete checkpoint is epoch 1, step 0"),
+        ("checkpoint.json", 1, errno.ENOSPC, "the last complete checkpoint is epoch 1, step 0"),
+        ("checkpoint-*.safetensors", 1, errno.ENOSPC, "the last complete checkpoint is epoch 1, step 0"),
         ("metrics.json", 1, errno.ENOSPC, "the last complete checkpoint is epoch 2, step 0"),
         ("samples.png", 0, errno.EACCES, "the last complete checkpoint is epoch 2, step 0"),
         ("config.toml", 0, errno.ENOSPC, "no checkpoint was written yet"),
@@ -280,6 +291,7 @@ def test_a_failed_write_names_the_file_and_what_survived(
     rc, err = cli(capsys, "fit", cfg, "--out", run, "-q")
     assert rc == 1, err
     target = run / "figures" / name if name.endswith(".png") else run / name
+    target = run / "checkpoint-000002.safetensors" if "*" in name else target
     assert_one_line_error(err, f"could not write {target}: {os.strerror(code)}", survived)
     monkeypatch.undo()
     if name == "config.toml":
@@ -295,10 +307,161 @@ def test_a_failed_write_names_the_file_and_what_survived(
 
 
 def test_write_error_is_an_oserror_from_the_api(tmp_path, monkeypatch):
-    _fail_replace(monkeypatch, "checkpoint.pt", 0, errno.ENOSPC)
+    _fail_replace(monkeypatch, "checkpoint-*.safetensors", 0, errno.ENOSPC)
     with pytest.raises(RunWriteError) as e:
         pyrovae.fit(tiny_config(train={"epochs": 1}), tmp_path / "r", progress=False)
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
-    assert e.value.filename == str(tmp_path / "r" / CHECKPOINT)
+    assert e.value.filename == str(tmp_path / "r" / "checkpoint-000001.safetensors")
     assert "no checkpoint was written yet" in str(e.value)
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------- SIGKILL inside a set write
+_WRITER = """
+import sys, torch
+from pyrovae.runs import CHECKPOINT, load_checkpoint, save_checkpoint
+from pathlib import Path
+run = Path(sys.argv[1])
+state = load_checkpoint(run / CHECKPOINT)
+state["ballast"] = torch.zeros(2_000_000)  # 8 MB more per save: kills land inside writes
+name = next(iter(state["model"]))
+start = state["epoch"] + 1
+print("ready", flush=True)
+for k in range(start, start + 100_000):
+    state["epoch"] = k
+    state["model"][name].fill_(float(k))  # the tensors file says which save it belongs to
+    state["history"] = [{"epoch": i} for i in range(k)]  # and so does the JSON
+    save_checkpoint(run / CHECKPOINT, state)
+"""
+
+
+def test_sigkill_during_a_set_write_leaves_a_complete_set(npy_run):
+    """A real process saving checkpoint sets in a loop is killed with SIGKILL (kill -9) while
+    a temporary file of the set is on disk, and at other moments: every time, the checkpoint
+    loads, its JSON and tensors come from the same save (epoch == the parameter's value ==
+    the history's length), progress never goes back, and the next save's clean-up removes
+    the temporary and orphan files."""
+    run, _ = npy_run
+    seen = {"inside_a_write": 0, "orphan_tensors": 0}
+    last = load_checkpoint(run / CHECKPOINT)["epoch"]
+    for i in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(run)],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            if i % 2 == 0:  # the moment a temporary file of the set exists
+                _wait_for(lambda: any(run.glob(".checkpoint*.tmp")), 30)
+            else:
+                time.sleep(0.05 * i)
+            subprocess.run(["kill", "-9", str(proc.pid)], check=True)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        assert proc.returncode == -signal.SIGKILL
+        seen["inside_a_write"] += any(run.glob(".checkpoint*.tmp"))
+        files = sorted(run.glob("checkpoint-*.safetensors"))
+        seen["orphan_tensors"] += len(files) > 1
+        state = load_checkpoint(run / CHECKPOINT)
+        value = next(iter(state["model"].values()))
+        epoch = state["epoch"]
+        if epoch > 1:  # a set the writer made, not the run's own checkpoint
+            assert bool((value == epoch).all()) and len(state["history"]) == epoch
+        assert epoch >= last
+        last = epoch
+    print("SIGKILL outcomes:", seen, "last epoch", last)
+    assert seen["inside_a_write"] >= 1, seen
+    assert last > 1
+    removed = remove_stale_temp_files(run)
+    assert not list(run.glob(".checkpoint*.tmp"))
+    assert len(list(run.glob("checkpoint-*.safetensors"))) == 1
+    assert all(p.name.startswith((".checkpoint", "checkpoint-")) for p in removed)
+    load_checkpoint(run / CHECKPOINT)
+
+
+# ------------------------------------------------------- any module, any torch optimizer
+class _Tied(torch.nn.Module):
+    """Tied weights (one storage, two names), a BatchNorm (int64 and float buffers), float16 and
+    bfloat16 parameters, a non-contiguous buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 6)
+        self.dec = torch.nn.Linear(6, 6)
+        self.dec.weight = self.enc.weight  # tied: one tensor under two names
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.f16 = torch.nn.Parameter(torch.randn(3, dtype=torch.float16))
+        self.brain = torch.nn.Parameter(torch.randn(2, 2, dtype=torch.bfloat16))
+        self.register_buffer("strided", torch.arange(12.0).reshape(3, 4).t())
+
+    def forward(self, x):
+        err = self.norm(self.dec(torch.tanh(self.enc(x)))) - x
+        return (err**2).mean() + (self.f16.float() ** 2).sum() + (self.brain.float() ** 2).sum()
+
+
+def _same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, list) and len(a) == len(b), where  # tuples come back as lists
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}.{i}")
+    else:
+        assert a == b and type(a) is type(b), (where, a, b)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+        lambda p: torch.optim.LBFGS(p, lr=0.5, history_size=3),
+        lambda p: torch.optim.Adagrad(p, lr=0.1),
+    ],
+    ids=["adam-amsgrad", "sgd-nesterov", "adamw", "lbfgs", "adagrad"],
+)
+def test_any_module_and_optimizer_round_trip_through_a_run_folder(npy_run, tmp_path, make_opt):
+    """The checkpoint set stores any `nn.Module.state_dict()` and any torch optimizer's
+    `state_dict()` (nested per-parameter state, int keys, lists of tensors (L-BFGS), tuples,
+    bools, None): what comes back is equal entry by entry (tuples as lists), and an
+    optimizer loaded from it takes the same next step as the original."""
+    run, _ = npy_run
+    state = load_checkpoint(run / CHECKPOINT)
+    torch.manual_seed(0)
+    net = _Tied()
+    params = [p for p in net.parameters() if p.dtype == torch.float32]
+    opt = make_opt(params)
+    x = torch.randn(5, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    state["model"], state["optimizer"] = net.state_dict(), opt.state_dict()
+    state.pop("format_version")
+    save_checkpoint(tmp_path / CHECKPOINT, state)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+    got = load_checkpoint(tmp_path / CHECKPOINT)
+    _same(net.state_dict(), got["model"], "model")
+    _same(opt.state_dict(), got["optimizer"], "optimizer")
+
+    twin = _Tied()
+    twin.load_state_dict(got["model"])
+    twin_opt = make_opt([p for p in twin.parameters() if p.dtype == torch.float32])
+    twin_opt.load_state_dict(got["optimizer"])
+    assert twin.dec.weight is twin.enc.weight
+    for model, o in ((net, opt), (twin, twin_opt)):
+        o.step(lambda model=model, o=o: (o.zero_grad(), model(x).backward(), model(x))[-1])
+    _same(net.state_dict(), twin.state_dict(), "after one more step")

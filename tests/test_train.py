@@ -51,7 +51,7 @@ def test_digits_run_folder_and_metrics(digits_run):
     d = digits_run.dir
     assert {p.name for p in d.iterdir()} >= {
         "config.toml",
-        "checkpoint.pt",
+        "checkpoint.json",
         "metrics.json",
         "figures",
     }
