@@ -111,6 +111,8 @@ class TrainConfig(_Section):
     #: non-finite loss: restore the last good state and retry with lr * lr_backoff, at most this often
     max_retries: int = Field(3, ge=0)
     lr_backoff: float = Field(0.5, gt=0, lt=1)
+    #: record the training step once as a CUDA graph and replay it (CUDA only; docs: Scaling out)
+    cuda_graph: bool = False
 
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:

@@ -129,6 +129,24 @@ class DataConfig(BaseModel):
 #: `data.memory_map = "auto"` maps a training split larger than this (float32 bytes)
 MAP_ABOVE_BYTES = 1 << 30
 _CHUNK_BYTES = 1 << 26  # rows read at a time by the streaming passes (64 MiB)
+_RELEASE_BYTES = 1 << 26  # minibatch bytes gathered between releases of the mapped pages
+
+
+def release_pages(array) -> None:
+    """Drop this process's mapping of the pages of a memory-mapped array (or of every shard)
+    that were read so far (`madvise(MADV_DONTNEED)` on a read-only file mapping: the data stay
+    in the OS page cache, but no longer count in the resident set). No-op for other arrays."""
+    import mmap
+
+    if isinstance(array, _Shards):
+        for a in array.arrays:
+            release_pages(a)
+        return
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 class MappedRows:
@@ -146,6 +164,7 @@ class MappedRows:
         self.dim = math.prod(array.shape[1:])
         self.device = torch.device(device)
         self.dtype = torch.float32
+        self._touched = 0  # bytes gathered since the mapped pages were last released
 
     @property
     def shape(self) -> torch.Size:
@@ -157,7 +176,14 @@ class MappedRows:
     def _rows(self, rows: np.ndarray) -> torch.Tensor:
         order = np.argsort(rows, kind="stable")  # ascending offsets: sequential-ish reads
         got = np.empty((len(rows), self.dim), dtype=np.float32)
-        got[order] = np.asarray(self.array[rows[order]], dtype=np.float32).reshape(len(rows), -1)
+        got[order] = np.asarray(self.array[rows[order]], dtype=np.float32).reshape(
+            len(rows), self.dim
+        )
+        # each scattered row maps a few pages (the kernel maps up to 64 KiB around a fault)
+        self._touched += len(rows) * max(got.nbytes // max(len(rows), 1), 1 << 16)
+        if self._touched > _RELEASE_BYTES:  # unmap what was read (it stays in the page cache)
+            release_pages(self.array)
+            self._touched = 0
         t = torch.from_numpy(got)
         if self.scale is not None:
             t = t / self.scale
@@ -731,11 +757,11 @@ def _scan(x) -> dict[str, object]:
                     i = np.unravel_index(int(np.argmax(bad.ravel())), c.shape)
                     out["first"] = (start + int(i[0]), *(int(j) for j in i[1:]))
                 out["bad"] = int(out["bad"]) + k
-                continue
-        if c.size:
+        if c.size and not out["bad"]:
             lo, hi = float(c.min()), float(c.max())
             out["lo"], out["hi"] = min(out["lo"], lo), max(out["hi"], hi)
             out["abs"] = max(float(out["abs"]), abs(lo), abs(hi))
+        release_pages(x)  # a mapped file: the pages read leave the resident set again
     return out
 
 
@@ -955,6 +981,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
             f"{src.where}'s training split stays on disk (data.memory_map='{cfg.memory_map}'); "
             "use data.binarize='dynamic' or data.memory_map='never'"
         )
+    if src.mappable:
+        release_pages(x)  # the validation and test rows were read into memory
     ds = Dataset(
         name=src.name,
         shape=src.shape,

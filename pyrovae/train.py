@@ -30,6 +30,7 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from pyrovae.config import TrainConfig
@@ -115,6 +116,14 @@ class Trainer:
             self.loss_fn = world.wrap(model, self.loss_fn, find_unused=unused)
             self.rank, self.world_size = world.rank, world.size
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        #: `train.cuda_graph`: the step recorded once and replayed (`pyrovae.cuda_graph`)
+        self.graph = None
+        if config.cuda_graph:
+            from pyrovae.cuda_graph import GraphedStep, check_config
+
+            check_config(config, self.device, world)
+            fused["capturable"] = True
+            self.graph = GraphedStep(self)
         self.opt = torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
         self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
         #: per-step noise (binarization, an AE's corruption): `gen` itself in one process
@@ -172,6 +181,8 @@ class Trainer:
                 f"config describes: {' '.join(lines)[:300]}"
             ) from None
         self.epoch, self.step_in_epoch = state["epoch"], step
+        if self.graph is not None:  # new optimizer state tensors: record the step again
+            self.graph.invalidate()
         self.perm = perm.to(self.device) if perm is not None else None
         self.lr, self.retries, self.history = state["lr"], state["retries"], list(state["history"])
 
@@ -184,6 +195,8 @@ class Trainer:
         torch.set_rng_state(snap["torch_rng"])
         self.gen.set_state(snap["batch_rng"].to(self.gen.get_state().device))
         self.perm, self.step_in_epoch = snap["perm"], snap["step_in_epoch"]
+        if self.graph is not None:
+            self.graph.invalidate()
 
     # -- schedule --------------------------------------------------------------------------
     def scheduled_lr(self) -> float:
@@ -212,6 +225,11 @@ class Trainer:
     def step(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
         """One optimizer step on `x`; returns the detached loss per datapoint. With `check` a
         non-finite loss (read on the host) skips the update."""
+        if self.graph is not None:  # replayed, unless validated / warming up β / a short batch
+            eager = is_validation_enabled() or self.beta != self.config.beta
+            loss = self.graph(x, eager)
+            if loss is not None:
+                return loss
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(x, self.n, self.beta, self.noise_gen)
         for cb in self.callbacks:

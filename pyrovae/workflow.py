@@ -270,6 +270,9 @@ def _fit_locked(
         elif lead:
             fp = fingerprint(data)
         device = resolve_device(cfg.train.device) if world is None else world.device
+        from pyrovae.cuda_graph import check_config
+
+        check_config(cfg.train, device, world)  # train.cuda_graph: before the folder exists
 
     created = _first_missing_ancestor(out) if lead else None
     with distributed.all_or_none(world):

@@ -1,0 +1,137 @@
+"""Training on a float32 `.npy` larger than memory: peak RSS and throughput.
+
+Writes a ~3 GB float32 `.npy` of grey levels in [0, 1] (shape (N, 784)) under `--dir`, trains a
+VAE (784-400-50, Bernoulli likelihood, dynamic binarization, batch 128) for `--steps` steps
+with the training split memory-mapped (`data.memory_map = "always"`), and reports the peak
+resident set size (`ru_maxrss` of a fresh child process: loading, the streaming checks and
+training together) and steps per second. For comparison, a smaller file (`--small-mb`) is
+trained both ways: in memory and mapped. Validation and test splits are 1 % each (they are
+read into memory). Every file written is deleted at the end.
+
+    python benchmarks/memmap_rss.py --dir /path/with/space --out benchmarks/results/memmap_rss.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 784
+
+
+def write_npy(path: Path, rows: int, seed: int = 0) -> float:
+    """Write (rows, 784) float32 uniforms in chunks; return the file size in GB."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, DIM))
+    rng = np.random.default_rng(seed)
+    chunk = 65536
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        arr[start:stop] = rng.random((stop - start, DIM), dtype=np.float32)
+    arr.flush()
+    del arr
+    return path.stat().st_size / 1e9
+
+
+CHILD = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+import pyro
+from pyrovae.build import build_model
+from pyrovae.config import load_config
+from pyrovae.data import load_data
+from pyrovae.train import Callback, Trainer
+
+path, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = load_config({
+    "data": {"dataset": path, "binarize": "dynamic", "memory_map": mode,
+             "val_fraction": 0.01, "test_fraction": 0.01},
+    "model": {"latent_dim": 50, "encoder": {"kind": "mlp", "hidden": [400]},
+              "decoder": {"kind": "mlp", "hidden": [400]}, "likelihood": {"kind": "bernoulli"}},
+    "train": {"epochs": 1, "batch_size": 128, "device": "cpu"},
+})
+t0 = time.perf_counter()
+data = load_data(cfg.data, seed=0)
+t_load = time.perf_counter() - t0
+pyro.set_rng_seed(0)
+model = build_model(cfg, data.shape)
+
+class Stop(Callback):
+    def __init__(self):
+        self.n, self.t = 0, None
+    def on_step_end(self, trainer, loss):
+        self.n += 1
+        if self.n == 20:
+            self.t = time.perf_counter()  # after warm-up
+        if self.n == steps:
+            trainer.request_stop()
+
+stop = Stop()
+tr = Trainer(model, cfg.train, data.x_train, None, dynamic_binarize=True, callbacks=[stop],
+             progress=False)
+tr.train()
+dt = time.perf_counter() - stop.t
+print(json.dumps({
+    "mode": mode, "train_points": len(data.x_train), "train_is_mapped": type(data.x_train).__name__ == "MappedRows",
+    "load_and_check_seconds": t_load, "steps": steps, "steps_per_second": (steps - 20) / dt,
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    "final_loss": tr.history[-1]["train_elbo"] if tr.history else None,
+}))
+"""
+
+
+def child(path: Path, mode: str, steps: int, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), mode, str(steps), str(threads)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    if out.returncode != 0:
+        return {"mode": mode, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", required=True, help="folder for the temporary files (needs ~3.2 GB)")
+    p.add_argument("--size-gb", type=float, default=3.0)
+    p.add_argument("--small-mb", type=float, default=200.0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    a = p.parse_args()
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+
+    def save() -> None:
+        print(json.dumps(results, indent=2), flush=True)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(dir=a.dir, prefix="pyrovae-memmap-") as tmp:
+        small = Path(tmp) / "small.npy"
+        results["small_file_gb"] = write_npy(small, int(a.small_mb * 1e6 / (4 * DIM)), seed=1)
+        for mode in ("never", "always"):
+            results[f"small_{mode}"] = child(small, mode, a.steps, a.threads)
+            save()
+        small.unlink()
+        big = Path(tmp) / "big.npy"
+        t0 = time.perf_counter()
+        results["big_file_gb"] = write_npy(big, int(a.size_gb * 1e9 / (4 * DIM)), seed=2)
+        results["big_write_seconds"] = time.perf_counter() - t0
+        results["big_always"] = child(big, "always", a.steps, a.threads)
+        save()
+    results["files_deleted"] = True
+    save()
+
+
+if __name__ == "__main__":
+    main()
