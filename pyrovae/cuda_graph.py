@@ -21,10 +21,17 @@ of the recording: a new value (the per-epoch schedule, a roll back with a lower 
 the step again; β warm-up steps, each epoch's validated first step and the last, smaller batch
 of an epoch run eagerly, on the same parameters and optimizer state.
 
-During the capture only, `warn_if_nan` in Pyro's `Trace_ELBO` / `TraceMeanField_ELBO` is
-replaced by the identity: it reads a boolean on the host, which a capture forbids. NaNs are still
-caught — by the trainer's read of the loss every `sync_every` steps, which rolls the epoch back
-as without graphs.
+Pyro's own ELBO classes read values on the host, which a capture forbids: `Trace_ELBO` takes
+`torch_item` of every site's log-density sum (the reported loss is a float plus the
+surrogate's deviation from its own float) and `warn_if_nan` reads a boolean. During the capture
+only (`capturable_pyro`), the module-level names `torch_item` and `warn_if_nan` of
+`pyro.infer.trace_elbo` and `pyro.infer.trace_mean_field_elbo` are the identity, so the same
+Pyro code keeps those values as tensors. The loss value is the same; its gradient is that of
+the ELBO estimate itself, which for reparameterized latent sites is exactly the surrogate's
+gradient Pyro uses — so the graph requires every latent site of the guide to be
+reparameterized (`has_rsample`, checked before the capture; all of pyrovae's guides are). NaNs
+are still caught, by the trainer's read of the loss every `sync_every` steps, which rolls the
+epoch back as without graphs. The `iwae` objective needs no such change.
 """
 
 from __future__ import annotations
@@ -69,21 +76,47 @@ def check_config(config, device: torch.device, world: Any = None) -> None:
         )
 
 
+def _identity(value, *args, **kwargs):
+    return value
+
+
 @contextlib.contextmanager
-def _capturable_pyro() -> Iterator[None]:
-    """Pyro with no host reads: validation off, the ELBOs' `warn_if_nan` the identity."""
+def capturable_pyro() -> Iterator[None]:
+    """Pyro with no host reads (see the module docs): validation off; `torch_item` and
+    `warn_if_nan` of the two ELBO modules the identity, restored on exit."""
     import pyro.infer.trace_elbo as te
     import pyro.infer.trace_mean_field_elbo as tmf
 
-    saved = {m: m.warn_if_nan for m in (te, tmf)}
+    saved = [(m, name, getattr(m, name)) for m in (te, tmf) for name in ("torch_item", "warn_if_nan")]
     try:
-        for m in saved:
-            m.warn_if_nan = lambda value, *a, **k: value
+        for m, name, _ in saved:
+            setattr(m, name, _identity)
         with pyro.validation_enabled(False):
             yield
     finally:
-        for m, f in saved.items():
-            m.warn_if_nan = f
+        for m, name, f in saved:
+            setattr(m, name, f)
+
+
+def check_reparameterized(model, x: torch.Tensor) -> None:
+    """Every latent sample site of the guide must be reparameterized (`ConfigError` naming the
+    site otherwise): the graphed loss differentiates the ELBO estimate pathwise."""
+    from pyro import poutine
+    from pyro.poutine.util import prune_subsample_sites
+
+    from pyrovae.objectives import programs
+
+    _, guide = programs(model)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            if not getattr(site["fn"], "has_rsample", False):
+                raise ConfigError(
+                    f"train.cuda_graph = true: the guide's site {name!r} "
+                    f"({type(site['fn']).__name__}) is not reparameterized; expected every "
+                    "latent site to have rsample (or set train.cuda_graph = false)"
+                )
 
 
 class GraphedStep:
@@ -97,6 +130,7 @@ class GraphedStep:
         self.x: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.captures = 0
+        self.checked = False
 
     def invalidate(self) -> None:
         """Forget the recording (after the optimizer's state tensors were replaced)."""
@@ -115,6 +149,9 @@ class GraphedStep:
     def _capture(self, x: torch.Tensor) -> None:
         t, opt = self.trainer, self.trainer.opt
         self.invalidate()
+        if not self.checked and t.config.objective != "iwae":
+            check_reparameterized(t.model, x)
+            self.checked = True
         params = [p for g in opt.param_groups for p in g["params"]]
         saved_params = [p.detach().clone() for p in params]
         saved_state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
@@ -123,13 +160,13 @@ class GraphedStep:
         self.x = x.detach().clone()
         side = torch.cuda.Stream(t.device)
         side.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(side), _capturable_pyro():
+        with torch.cuda.stream(side), capturable_pyro():
             for _ in range(WARMUP_STEPS):
                 self._eager_step(self.x)
         torch.cuda.current_stream(t.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         opt.zero_grad(set_to_none=True)
-        with _capturable_pyro(), torch.cuda.graph(graph):
+        with capturable_pyro(), torch.cuda.graph(graph):
             loss = self._loss(self.x)
             loss.backward()
             opt.step()
