@@ -809,10 +809,15 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def _to_float(x: np.ndarray, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Rows `idx` of `x` as a contiguous float32 `(len(idx), D)` tensor."""
+    """Rows `idx` of `x` as a contiguous float32 `(len(idx), D)` tensor (from a mapped array:
+    1,024 rows at a time, the mapped pages released after each block)."""
     # numpy converts any numeric dtype (big-endian, float128, uint64, bool) to float32 first
-    rows = np.ascontiguousarray(x[idx.numpy()], dtype=np.float32)
-    t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:]))
+    d, ix = math.prod(x.shape[1:]), idx.numpy()
+    rows = np.empty((len(ix), d), dtype=np.float32)
+    for start in range(0, len(ix), 1024):
+        rows[start : start + 1024] = np.asarray(x[ix[start : start + 1024]], dtype=np.float32).reshape(-1, d)
+        release_pages(x)
+    t = torch.from_numpy(rows).reshape(len(idx), d)
     if scale is not None:
         t = t / scale
     return t.contiguous()
@@ -981,8 +986,6 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
             f"{src.where}'s training split stays on disk (data.memory_map='{cfg.memory_map}'); "
             "use data.binarize='dynamic' or data.memory_map='never'"
         )
-    if src.mappable:
-        release_pages(x)  # the validation and test rows were read into memory
     ds = Dataset(
         name=src.name,
         shape=src.shape,
