@@ -161,7 +161,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         accept_plugin_changes=args.accept_plugin_changes,
         accept_data_changes=args.accept_data_changes,
     )
-    distributed.init("gloo", "cpu")  # under torchrun: the test points sharded over the ranks
+    world = distributed.init("gloo", "cpu")  # under torchrun: the test points sharded over ranks
+    if world is not None:  # each rank its own, reproducible noise stream
+        import torch
+
+        torch.manual_seed(distributed.step_seed(run.config.train.seed, -1, 0, world.rank) % 2**62)
     try:
         m = evaluate_run(run, args.iwae_samples)
     finally:

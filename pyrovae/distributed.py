@@ -112,7 +112,8 @@ def epoch_indices(
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A 63-bit seed for rank `rank`'s noise in step `step` of epoch `epoch` (NumPy's
     `SeedSequence`: well-mixed, different streams for different tuples)."""
-    state = np.random.SeedSequence([seed, epoch, step, rank, 0x5EED]).generate_state(2, np.uint32)
+    key = [seed, epoch + 1, step, rank, 0x5EED]  # epoch -1: evaluation outside training
+    state = np.random.SeedSequence(key).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 

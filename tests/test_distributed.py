@@ -176,6 +176,33 @@ def test_two_process_run_is_reproducible_and_resumes_in_one(tmp_path):
     assert len(run.history) == 3 and run.history[:2] == a["history"]
 
 
+# ------------------------------------------------------------------------------ evaluation
+def _evaluate(rank, run_dir, out):
+    from pyrovae.runs import load_run
+    from pyrovae.workflow import evaluate_run
+
+    world = distributed.init("gloo", "cpu")
+    x = torch.arange(21.0).reshape(7, 3)
+    parts = {n: distributed.per_point(lambda v: v.sum(1), x[:n]) for n in (7, 1)}
+    torch.manual_seed(rank)
+    m = evaluate_run(load_run(run_dir, data=True), iwae_samples=20)
+    torch.save({"parts": parts, "metrics": m, "size": world.size}, out / f"eval.{rank}.pt")
+
+
+def test_evaluation_is_sharded_without_duplicates(tmp_path, digits_run):
+    assert run_ranks(_evaluate, 2, digits_run.dir, tmp_path, log=tmp_path / "e") == [0, 0]
+    got = [torch.load(tmp_path / f"eval.{r}.pt", weights_only=False) for r in range(2)]
+    x = torch.arange(21.0).reshape(7, 3)
+    for g in got:  # 7 points: shards of 4 and 3 (one padded row cut off); 1 point: 1 and 0
+        assert torch.equal(g["parts"][7], x.sum(1)) and torch.equal(g["parts"][1], x[:1].sum(1))
+    a, b = (g["metrics"] for g in got)
+    assert a == b and a["test_points"] == 64  # every rank holds the gathered result
+    one = pyrovae.evaluate_run(pyrovae.load_run(digits_run.dir, data=True), iwae_samples=20)
+    se = one["log_likelihood_se"]
+    assert abs(a["log_likelihood"] - one["log_likelihood"]) < 4 * se
+    assert abs(a["test_elbo"] - one["test_elbo"]) < 4 * max(se, 1.0)
+
+
 # ------------------------------------------------------------------------------ bad input
 def _cli(rank, argv):
     from pyrovae.cli import main
