@@ -70,6 +70,7 @@ class Stop(Callback):
         self.n, self.t = 0, None
     def on_step_end(self, trainer, loss):
         self.n += 1
+        self.loss = float(loss)
         if self.n == 20:
             self.t = time.perf_counter()  # after warm-up
         if self.n == steps:
@@ -88,12 +89,13 @@ print(json.dumps({
     "load_and_check_seconds": t_load, "steps": steps, "steps_per_second": (steps - 20) / dt,
     "peak_rss_gb": hwm_kib * 1024 / 1e9,
     "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-    "final_loss": tr.history[-1]["train_elbo"] if tr.history else None,
+    "last_loss": stop.loss,
 }))
 """
 
 
 def child(path: Path, mode: str, steps: int, threads: int) -> dict:
+    load = os.getloadavg()[0]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), mode, str(steps), str(threads)],
@@ -101,7 +103,23 @@ def child(path: Path, mode: str, steps: int, threads: int) -> dict:
     )
     if out.returncode != 0:
         return {"mode": mode, "error": out.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load_average_1min": load}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Medians of steps/s, the largest peak RSS, and every run."""
+    import statistics
+
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"runs": runs}
+    return {
+        "steps_per_second_median": statistics.median(r["steps_per_second"] for r in ok),
+        "peak_rss_gb_max": max(r["peak_rss_gb"] for r in ok),
+        "train_is_mapped": ok[0]["train_is_mapped"],
+        "train_points": ok[0]["train_points"],
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -111,6 +129,7 @@ def main() -> None:
     p.add_argument("--small-mb", type=float, default=200.0)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each (interleaved); medians")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
@@ -124,16 +143,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="pyrovae-memmap-") as tmp:
         small = Path(tmp) / "small.npy"
         results["small_file_gb"] = write_npy(small, int(a.small_mb * 1e6 / (4 * DIM)), seed=1)
-        for mode in ("never", "always"):
-            results[f"small_{mode}"] = child(small, mode, a.steps, a.threads)
-            save()
+        runs: dict[str, list[dict]] = {"small_never": [], "small_always": [], "big_always": []}
+        for _ in range(a.repeats):  # interleaved: a burst of load hits both alike
+            for mode in ("never", "always"):
+                runs[f"small_{mode}"].append(child(small, mode, a.steps, a.threads))
+                results[f"small_{mode}"] = summary(runs[f"small_{mode}"])
+                save()
         small.unlink()
         big = Path(tmp) / "big.npy"
         t0 = time.perf_counter()
         results["big_file_gb"] = write_npy(big, int(a.size_gb * 1e9 / (4 * DIM)), seed=2)
         results["big_write_seconds"] = time.perf_counter() - t0
-        results["big_always"] = child(big, "always", a.steps, a.threads)
-        save()
+        for _ in range(a.repeats):
+            runs["big_always"].append(child(big, "always", a.steps, a.threads))
+            results["big_always"] = summary(runs["big_always"])
+            save()
     results["files_deleted"] = True
     save()
 
