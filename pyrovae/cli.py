@@ -106,7 +106,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         if distributed.launched():
             raise PyroVAEError("--nproc: this process was already started by torchrun; drop --nproc")
-        return distributed.launch(args.nproc, _fit_argv(args))
+        code, failure = distributed.launch(args.nproc, _fit_argv(args))
+        if failure is not None:
+            ckpt = Path(args.out) / "checkpoint.pt"
+            last = (
+                f"; the last complete checkpoint {ckpt} is kept: pyrovae fit --out "
+                f"{shlex.quote(str(args.out))} --resume continues from it"
+                if ckpt.exists() else "; no checkpoint was written yet"
+            )
+            print(f"pyrovae: error: {failure}{last}", file=sys.stderr)
+        return code
     if config is None and args.set:  # --resume --set train.epochs=N: edit the stored config
         config = Path(args.out) / "config.toml"
     try:

@@ -360,18 +360,21 @@ def per_point(fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- launching
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str]) -> tuple[int, str | None]:
     """`torchrun --standalone --nproc-per-node nproc -m pyrovae *argv` in this process
-    (`torch.distributed.run`), returning the job's exit status: rank 0's if it failed, else
-    the first failed rank's; 130 when stopped by SIGINT/SIGTERM."""
+    (`torch.distributed.run`). Returns the job's exit status — rank 0's if it failed, else the
+    first failed rank's (128 + k for a rank killed by signal k); 130 when stopped by SIGINT /
+    SIGTERM — and, when a rank died without reporting (a signal, a crash), a one-line account of
+    which ranks ended how."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     if nproc < 1:
         raise ConfigError(f"--nproc: expected at least 1 process, got {nproc}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
+    for name in list(logging.root.manager.loggerDict):  # torchrun's info and warning lines
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(
         ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
@@ -382,7 +385,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
         code = codes.get(0, next(iter(codes.values())))
-        return code if code > 0 else 128 - code  # killed by signal k: 128 + k
+        if code in (2, 130):  # rank 0 said what happened
+            return code, None
+        how = ", ".join(
+            f"rank {r} " + (f"killed by signal {-c}" if c < 0 else f"exit status {c}")
+            for r, c in sorted(codes.items())
+        )
+        return (code if code > 0 else 128 - code), f"the job stopped: {how}"
     except SignalException:
-        return 130
-    return 0
+        return 130, None
+    return 0, None

@@ -314,6 +314,8 @@ def test_sigterm_to_the_launcher_checkpoints_and_kill_9_of_a_rank_fails_cleanly(
     os.kill(pids[-1], signal.SIGKILL)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode not in (0, 130), err
+    assert "pyrovae: error: the job stopped: " in err and "killed by signal 9" in err, err
+    assert "is kept: pyrovae fit --out" in err
     after = torch.load(out / "checkpoint.pt", weights_only=True)
     assert after["epoch"] >= state["epoch"]
     # and --resume (one process) continues from the last checkpoint
