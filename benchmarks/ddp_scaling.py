@@ -9,7 +9,7 @@ than one (they wait for each other); the 1 x 1 row shows that part. Reported: tr
 history, validation excluded), wall time of the whole command, and the test ELBO (nats per
 datapoint, 1 sample per test image, the 10,000 official test images binarized once).
 
-    python benchmarks/ddp_scaling.py --root PATH/TO/MNIST --epochs 3 --out benchmarks/results/ddp_scaling.json
+    python benchmarks/ddp_scaling.py --root PATH/TO/MNIST --epochs 3 --out benchmarks/results/cpu/ddp_scaling.json
 """
 
 from __future__ import annotations

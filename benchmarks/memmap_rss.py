@@ -9,7 +9,7 @@ and steps per second. For comparison, a smaller file (`--small-mb`) is
 trained both ways: in memory and mapped. Validation and test splits are 1 % each (they are
 read into memory). Every file written is deleted at the end.
 
-    python benchmarks/memmap_rss.py --dir /path/with/space --out benchmarks/results/memmap_rss.json
+    python benchmarks/memmap_rss.py --dir /path/with/space --out benchmarks/results/cpu/memmap_rss.json
 """
 
 from __future__ import annotations
