@@ -332,7 +332,10 @@ class Trainer:
                 self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
                 for cb in self.callbacks:
                     cb.on_epoch_end(self)
-                if self.stop_requested is not None:
+                stop = self.stop_requested is not None
+                if self.world is not None and self.world.any(stop):  # a signal since the last step
+                    stop, self.stop_requested = True, self.stop_requested or signal.SIGTERM
+                if stop:
                     return False
         return True
 

@@ -39,10 +39,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, size: int, port: int, fn, args, log: Path | None) -> None:
+def _child(rank: int, size: int, port: int, fn, args, log: Path | None, timeout: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYROVAE_DIST_TIMEOUT="20",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYROVAE_DIST_TIMEOUT=timeout,
     )
     if log is not None:
         fd = os.open(log.with_suffix(f".{rank}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -62,10 +62,17 @@ def _child(rank: int, size: int, port: int, fn, args, log: Path | None) -> None:
         os._exit(code)
 
 
-def run_ranks(fn, size: int, *args, log: Path | None = None, timeout: float = 60) -> list[int]:
-    """Run `fn(rank, *args)` in `size` forked processes forming one job; their exit codes."""
-    port = free_port()
-    procs = [CTX.Process(target=_child, args=(r, size, port, fn, args, log)) for r in range(size)]
+def run_ranks(
+    fn, size: int, *args, log: Path | None = None, timeout: float = 60, world_size: int | None = None,
+    dist_timeout: str = "20",
+) -> list[int]:
+    """Run `fn(rank, *args)` in `size` forked processes of a job of `world_size` (default
+    `size`) processes; their exit codes."""
+    port, world = free_port(), world_size or size
+    procs = [
+        CTX.Process(target=_child, args=(r, world, port, fn, args, log, dist_timeout))
+        for r in range(size)
+    ]
     for p in procs:
         p.start()
     end = time.monotonic() + timeout
@@ -256,21 +263,17 @@ def test_resuming_with_other_data_is_refused_on_every_rank(tmp_path):
 
 
 def test_unreachable_rendezvous_times_out(tmp_path):
-    """Rank 0 of 2 whose peer never comes: a one-line error within the bounded timeout."""
-    port = free_port()
-    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "PYROVAE_DIST_TIMEOUT": "3"}
+    """Rank 0 of a job of 2 whose peer never comes: a one-line error within the bounded timeout."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(load_config(tiny_config()).to_toml())
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pyrovae", "fit", str(cfg), "--out", str(tmp_path / "r"), "-q"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "distributed rendezvous at 127.0.0.1" in proc.stderr
-    assert "did not all join within 3 s" in proc.stderr
-    assert time.monotonic() - start < 40
+    argv = ["fit", cfg, "--out", tmp_path / "r", "-q"]
+    codes = run_ranks(_cli, 1, argv, log=tmp_path / "u", world_size=2, dist_timeout="3")
+    (err,) = _errors(tmp_path / "u")
+    assert codes == [2], err
+    assert err.count("\n") == 1 and "distributed rendezvous at 127.0.0.1" in err
+    assert "did not all join within 3 s" in err
+    assert time.monotonic() - start < 30
     assert not (tmp_path / "r").exists()
 
 
@@ -291,7 +294,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
         time.sleep(0.1)
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_kill_9_of_a_rank_fails_cleanly(tmp_path):
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(load_config(tiny_config(train={"epochs": 400})).to_toml())
     out = tmp_path / "run"
@@ -300,12 +303,18 @@ def test_sigterm_to_the_launcher_checkpoints_and_kill_9_of_a_rank_fails_cleanly(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "interrupted; checkpoint written" in err
+    assert err.count("\n") == 1 and "interrupted; checkpoint written" in err
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert not (out / ".lock").exists()
+    assert state["epoch"] >= 1 and not (out / ".lock").exists()
 
+
+def test_kill_9_of_a_rank_fails_the_job_cleanly_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    assert run_ranks(_fit, 2, tiny_config(train={"epochs": 1}), out, log=tmp_path / "f") == [0, 0]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    (tmp_path / "more.toml").write_text(load_config(tiny_config(train={"epochs": 400})).to_toml())
     # resume with 2 processes; kill -9 one worker: the job ends (no hang), the checkpoint stays
-    proc = _launch(tmp_path, "--out", out, "--resume", "--nproc", "2", "-q")
+    proc = _launch(tmp_path, tmp_path / "more.toml", "--out", out, "--resume", "--nproc", "2", "-q")
     _wait_for(out / ".lock", proc)
     time.sleep(1.5)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
@@ -321,4 +330,4 @@ def test_sigterm_to_the_launcher_checkpoints_and_kill_9_of_a_rank_fails_cleanly(
     # and --resume (one process) continues from the last checkpoint
     run = pyrovae.fit(tiny_config(train={"epochs": after["epoch"] + 1}), out, resume=True,
                       progress=False, figures=False)
-    assert len(run.history) == after["epoch"] + 1
+    assert len(run.history) == after["epoch"] + 1 and run.history[0] == state["history"][0]
