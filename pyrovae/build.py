@@ -11,7 +11,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyrovae.autoencoder import AutoEncoder
 from pyrovae.config import Config
-from pyrovae.data import Dataset
+from pyrovae.data import Dataset, row_chunks
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.model import MODELS, VAE
 from pyrovae.structured import STRUCTURED
@@ -107,7 +107,8 @@ def check_data_for_model(model: torch.nn.Module, data: Dataset, source: str) -> 
         check_labels(model, data, source)
     for split, x in splits.items():
         if hasattr(model, "likelihood") and hasattr(model.likelihood, "check_data"):
-            model.likelihood.check_data(x, f"{source} ({split} split)")
+            for chunk in row_chunks(x):  # a split on disk: one streaming pass
+                model.likelihood.check_data(chunk, f"{source} ({split} split)")
         else:
             _validate_program(model, x, f"{source} ({split} split)")
 

@@ -26,6 +26,8 @@ examples:
   pyrovae fit examples/configs/digits_vae.toml --out runs/vae --set train.epochs=5 --set model.latent_dim=8
   pyrovae fit CONFIG --out runs/vae --set 'model.prior={kind="mixture", components=10}'
   pyrovae fit CONFIG --out runs/vae --resume            # continue after Ctrl-C or a crash
+  pyrovae fit CONFIG --out runs/vae --nproc 2           # data-parallel, 2 processes (torchrun)
+  torchrun --nproc-per-node 2 -m pyrovae fit CONFIG --out runs/vae   # the same, launched by hand
 """
 EPILOG_EVALUATE = """\
 examples:
@@ -87,23 +89,53 @@ def comparison_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join([line(head), sep, *[line(r) for r in body], "", textwrap.fill(notes, 100)])
 
 
+def _fit_argv(args: argparse.Namespace) -> list[str]:
+    """The `fit` command line of `args` without `--nproc` (what each rank runs)."""
+    argv = ["fit", *([args.config] if args.config else []), "--out", args.out]
+    argv += [a for kv in args.set for a in ("--set", kv)]
+    argv += [a for p in args.plugin for a in ("--plugin", p)]
+    flags = ("resume", "quiet", "verbose", "accept_plugin_changes", "accept_data_changes")
+    argv += [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
+    return [*argv, "--backend", args.backend]
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from pyrovae import distributed
     from pyrovae.runs import CHECKPOINT
     from pyrovae.workflow import fit
 
     config = args.config
     if config is None and not args.resume:
         raise PyroVAEError("fit needs a CONFIG file (or --resume to continue the run in --out)")
+    if args.nproc is not None:
+        if distributed.launched():
+            raise PyroVAEError("--nproc: this process was already started by torchrun; drop --nproc")
+        code, failure = distributed.launch(args.nproc, _fit_argv(args))
+        if failure is not None:
+            ckpt = Path(args.out) / CHECKPOINT
+            last = (
+                f"; the last complete checkpoint {ckpt} is kept: pyrovae fit --out "
+                f"{shlex.quote(str(args.out))} --resume continues from it"
+                if ckpt.exists() else "; no checkpoint was written yet"
+            )
+            print(f"pyrovae: error: {failure}{last}", file=sys.stderr)
+        return code
     if config is None and args.set:  # --resume --set train.epochs=N: edit the stored config
         config = Path(args.out) / "config.toml"
-    run = fit(
-        _config_with_overrides(config, args.set) if config else None,
-        args.out,
-        resume=args.resume,
-        progress=False if args.quiet else None,
-        accept_plugin_changes=args.accept_plugin_changes,
-        accept_data_changes=args.accept_data_changes,
-    )
+    try:
+        run = fit(
+            _config_with_overrides(config, args.set) if config else None,
+            args.out,
+            resume=args.resume,
+            progress=False if args.quiet else None,
+            accept_plugin_changes=args.accept_plugin_changes,
+            accept_data_changes=args.accept_data_changes,
+            backend=args.backend,
+        )
+    finally:
+        distributed.shutdown()
+    if distributed.launched_rank() != 0:
+        return 130 if run.interrupted else 0  # rank 0 reports
     if run.interrupted:
         print(
             f"pyrovae: interrupted; checkpoint written to {run.dir / CHECKPOINT} "
@@ -132,6 +164,7 @@ def _config_with_overrides(config, overrides):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyrovae import distributed
     from pyrovae.runs import load_run
     from pyrovae.workflow import evaluate_run
 
@@ -141,7 +174,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         accept_plugin_changes=args.accept_plugin_changes,
         accept_data_changes=args.accept_data_changes,
     )
-    m = evaluate_run(run, args.iwae_samples)
+    world = distributed.init("gloo", "cpu")  # under torchrun: the test points sharded over ranks
+    if world is not None:  # each rank its own, reproducible noise stream
+        import torch
+
+        torch.manual_seed(distributed.step_seed(run.config.train.seed, -1, 0, world.rank) % 2**62)
+    try:
+        m = evaluate_run(run, args.iwae_samples)
+    finally:
+        distributed.shutdown()
+    if distributed.launched_rank() != 0:
+        return 0
     if args.json:
         print(json.dumps(m, indent=2))
     else:
@@ -342,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
+    f.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train data-parallel in N processes on this machine (runs torchrun --standalone "
+        "--nproc-per-node N); train.batch_size is the global batch",
+    )
+    f.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="torch.distributed backend under torchrun / --nproc (auto: NCCL on CUDA, else gloo)",
+    )
     _plugin_args(f)
     data_args(f)
     f.set_defaults(func=_cmd_fit)
@@ -476,6 +533,14 @@ def _load_extensions() -> None:
                 raise
 
 
+def _reports() -> bool:
+    """Whether this process prints errors: always, except ranks > 0 under torchrun (rank 0
+    reports for the job)."""
+    from pyrovae.distributed import launched_rank
+
+    return launched_rank() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _load_extensions()
     parser = build_parser()
@@ -490,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PyroVAEError as e:
         msg = str(e).replace("\n", "\n  ")
-        print(f"pyrovae: error: {msg}", file=sys.stderr)
+        if _reports():
+            print(f"pyrovae: error: {msg}", file=sys.stderr)
         return 2
     except RunWriteError as e:  # a run folder's file: the message says what survived
         print(f"pyrovae: error: {e}", file=sys.stderr)

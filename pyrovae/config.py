@@ -191,6 +191,8 @@ class TrainConfig(_Section):
     #: steps and every epoch (ELBO and its parts, KL per dimension, lr, beta), images per epoch
     log: bool = True
     log_every: int = Field(50, ge=1)
+    #: record the training step once as a CUDA graph and replay it (CUDA only; docs: Scaling out)
+    cuda_graph: bool = False
 
     @model_validator(mode="after")
     def _lr_floor(self) -> TrainConfig:

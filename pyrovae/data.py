@@ -7,7 +7,15 @@ train / validation / test tensors (and labels where the source has them). Source
 * `mnist` / `fashion-mnist` / `kmnist`: the four standard IDX files, read from
   `data.root` (gzipped or not, directly there or in a `raw/` subfolder), or downloaded by
   torchvision into `~/.cache/pyrovae/<name>` when `data.root` is empty;
-* a `.npy` file, a `.npz` file (key `x`, optional `y`) or a folder of images.
+* a `.npy` file, a `.npz` file (key `x`, optional `y`) or a folder of images;
+* a folder of `.npy` / uncompressed `.npz` shards (concatenated in file-name order).
+
+Larger than memory: a `.npy` file or a folder of shards is memory-mapped (read-only, random
+access advised to the kernel), never read whole. The value checks and the likelihood's support
+checks stream over it once, in chunks; the splits are the same seeded index sets as for an
+in-memory array; when the training split is large (`data.memory_map`) it stays on disk as a
+`MappedRows`, from which the trainer gathers each minibatch by index (the validation and test
+splits are read into memory).
 
 Every problem caused by the user's data or configuration raises `DataError`
 naming the file or config field, the expected and the actual value.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,6 +42,7 @@ from pyrovae.errors import DataError
 __all__ = [
     "DataConfig",
     "Dataset",
+    "MappedRows",
     "data_changes",
     "fingerprint",
     "labelled_subset",
@@ -105,6 +115,11 @@ class DataConfig(BaseModel):
         lt=0.5,
         description="share held out for test when the dataset has no official test split",
     )
+    memory_map: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="keep the training split of a .npy file or a folder of shards on disk and "
+        "gather each minibatch from it: auto = when it exceeds 1 GiB as float32",
+    )
     limit: int = Field(
         0,
         ge=0,
@@ -120,12 +135,110 @@ class DataConfig(BaseModel):
     )
 
 
+#: `data.memory_map = "auto"` maps a training split larger than this (float32 bytes)
+MAP_ABOVE_BYTES = 1 << 30
+_CHUNK_BYTES = 1 << 26  # rows read at a time by the streaming passes (64 MiB)
+_RELEASE_BYTES = 1 << 26  # minibatch bytes gathered between releases of the mapped pages
+
+
+def release_pages(array) -> None:
+    """Drop this process's mapping of the pages of a memory-mapped array (or of every shard)
+    that were read so far (`madvise(MADV_DONTNEED)` on a read-only file mapping: the data stay
+    in the OS page cache, but no longer count in the resident set). No-op for other arrays."""
+    import mmap
+
+    if isinstance(array, _Shards):
+        for a in array.arrays:
+            release_pages(a)
+        return
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+class MappedRows:
+    """Rows `index` of an `(N, ...)` array on disk (a memory-mapped `.npy` file or shards), as a
+    float32 `(len(index), D)` matrix that is read only where it is indexed.
+
+    It has what the trainer and the checks use of a tensor: `shape`, `len`, `dtype`,
+    `index_select(0, idx)` and `[i:j]` (both return tensors, divided by `scale` when the source
+    is 8-bit images), `to(device)` (rows are gathered on the CPU and moved per batch) and
+    `chunks()`, consecutive row blocks for streaming passes.
+    """
+
+    def __init__(self, array, index: np.ndarray, scale: float | None, device="cpu") -> None:
+        self.array, self.index, self.scale = array, np.asarray(index, dtype=np.int64), scale
+        self.dim = math.prod(array.shape[1:])
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        self._touched = 0  # bytes gathered since the mapped pages were last released
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), self.dim))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        order = np.argsort(rows, kind="stable")  # ascending offsets: sequential-ish reads
+        got = np.empty((len(rows), self.dim), dtype=np.float32)
+        got[order] = np.asarray(self.array[rows[order]], dtype=np.float32).reshape(
+            len(rows), self.dim
+        )
+        # each scattered row maps a few pages (the kernel maps up to 64 KiB around a fault)
+        self._touched += len(rows) * max(got.nbytes // max(len(rows), 1), 1 << 16)
+        if self._touched > _RELEASE_BYTES:  # unmap what was read (it stays in the page cache)
+            release_pages(self.array)
+            self._touched = 0
+        t = torch.from_numpy(got)
+        if self.scale is not None:
+            t = t / self.scale
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        if dim != 0:
+            raise ValueError("MappedRows.index_select: only rows (dim 0)")
+        return self._rows(self.index[idx.cpu().numpy()])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self._rows(self.index[key])
+        if isinstance(key, torch.Tensor):
+            return self.index_select(0, key.reshape(-1))
+        raise TypeError(f"MappedRows: index with a slice or a tensor of rows, got {type(key)}")
+
+    def to(self, device) -> MappedRows:
+        return MappedRows(self.array, self.index, self.scale, device)
+
+    def chunks(self, rows: int | None = None) -> Iterator[torch.Tensor]:
+        """The rows in order, `rows` at a time (default: about 64 MiB)."""
+        rows = rows or max(1, _CHUNK_BYTES // (4 * max(self.dim, 1)))
+        for start in range(0, len(self), rows):
+            yield self[start : start + rows]
+
+    def split(self, rows: int) -> Iterator[torch.Tensor]:
+        return self.chunks(rows)
+
+
+def row_chunks(x) -> Iterator[torch.Tensor]:
+    """`x` (a tensor or `MappedRows`) as blocks of rows: the tensor itself, or the mapped
+    rows read a chunk at a time."""
+    if isinstance(x, MappedRows):
+        yield from x.chunks()
+    else:
+        yield x
+
+
 @dataclass
 class Dataset:
     """Train / validation / test tensors of one dataset, all in memory.
 
     `x_*` are float32, flattened to `(N, D)` with `D = prod(shape)`, and contiguous;
-    `y_*` are int64 labels of length `N` or `None`.
+    `y_*` are int64 labels of length `N` or `None`. `x_train` may be a `MappedRows` (a
+    training split on disk, see `DataConfig.memory_map`).
     """
 
     name: str
@@ -381,13 +494,130 @@ def _load_npy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             f"{path}: not a .npy file: expected the magic bytes \\x93NUMPY, got {magic!r}"
         )
     try:
-        x = np.load(path, allow_pickle=False)
+        x = _map_npy(path)
     except Exception as e:  # corrupt header, pickled objects, I/O errors
         raise DataError(f"{path}: cannot read .npy file ({type(e).__name__}: {e})") from None
     if not isinstance(x, np.ndarray):
         raise DataError(f"{path}: expected a .npy array, got {type(x).__name__}")
     _check_numeric(x, str(path))
     return x, None
+
+
+def _map_at(path: Path, offset: int) -> np.ndarray:
+    """The `.npy` array whose header starts at byte `offset` of `path`, memory-mapped
+    read-only (`mmap`, with `MADV_RANDOM`: minibatches read scattered rows, so no read-ahead)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        start = f.tell()
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        nbytes = math.prod(shape) * dtype.itemsize
+        size = os.fstat(f.fileno()).st_size
+        if start + nbytes > size:
+            raise ValueError(
+                f"truncated: the header describes {nbytes} data bytes, the file holds "
+                f"{size - start}"
+            )
+        if nbytes == 0:
+            return np.empty(shape, dtype=dtype)
+        mm = mmap.mmap(f.fileno(), start + nbytes, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype=dtype, buffer=mm, offset=start, order="F" if fortran else "C")
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    return _map_at(path, 0)
+
+
+def _map_npz_member(path: Path, member: str) -> np.ndarray:
+    """Member `member` of an uncompressed `.npz` (`np.savez`), memory-mapped in place."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise DataError(
+            f"{path}: shard member {member!r} is compressed, so it cannot be memory-mapped; "
+            "expected np.savez (not np.savez_compressed) or a .npy file"
+        )
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return _map_at(path, info.header_offset + 30 + name_len + extra_len)
+
+
+class _Shards:
+    """Several `(N_i, ...)` arrays of one dtype and row shape as one `(sum N_i, ...)` array
+    (read-only: integer-array and slice row indexing, what the splits and checks use)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.starts[-1]), *arrays[0].shape[1:])
+        self.dtype, self.ndim = arrays[0].dtype, arrays[0].ndim
+        self.size = math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(self.shape[0]))
+        rows = np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.arrays[k][rows[sel] - self.starts[k]]
+        return out
+
+
+def _load_shards(folder: Path, files: list[Path]) -> tuple[_Shards, np.ndarray | None]:
+    """A folder of `.npy` / uncompressed `.npz` shards (key `x`, optional `y`), mapped."""
+    arrays, labels = [], []
+    for f in files:
+        if f.suffix.lower() == ".npy":
+            x, y = _load_npy(f)
+        else:
+            try:
+                with np.load(f, allow_pickle=False) as npz:
+                    keys = list(npz.keys())
+                    y = npz["y"] if "y" in keys else None
+            except Exception as e:
+                raise DataError(f"{f}: cannot read .npz file ({type(e).__name__}: {e})") from None
+            if "x" not in keys:
+                raise DataError(f"{f}: expected an array under key 'x', found keys {keys}")
+            try:
+                x = _map_npz_member(f, "x.npy")
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"{f}: cannot map key 'x' ({type(e).__name__}: {e})") from None
+            _check_numeric(x, f"{f} (key 'x')")
+        if x.ndim == 0:
+            raise DataError(f"{f}: expected an array of shape (N, ...), got a scalar")
+        if arrays and (x.shape[1:] != arrays[0].shape[1:] or x.dtype != arrays[0].dtype):
+            raise DataError(
+                f"{f}: every shard must hold rows of one shape and dtype: expected "
+                f"{arrays[0].shape[1:]} {arrays[0].dtype} (as {files[0].name}), got "
+                f"{x.shape[1:]} {x.dtype}"
+            )
+        arrays.append(x)
+        labels.append(y)
+    if any(y is None for y in labels) and not all(y is None for y in labels):
+        raise DataError(f"{folder}: labels 'y' in some shards but not in others; expected all or none")
+    y_all = None if labels[0] is None else np.concatenate([np.asarray(y) for y in labels])
+    return _Shards(arrays), y_all
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -518,29 +748,55 @@ def _point_shape(arr_shape: tuple[int, ...]) -> tuple[int, ...]:
     return rest
 
 
-def _check_values(x: np.ndarray, what: str) -> None:
+def _scan(x) -> dict[str, object]:
+    """One streaming pass over the rows of `x` (an array, memory-mapped or not, or shards),
+    a chunk of about 64 MiB at a time: the count and first index of NaN/inf values, min, max
+    and max |x| of the finite ones."""
+    n = x.shape[0]
+    row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+    rows = max(1, _CHUNK_BYTES // row_bytes)
+    out: dict[str, object] = {"bad": 0, "first": None, "lo": math.inf, "hi": -math.inf, "abs": 0.0}
+    for start in range(0, n, rows):
+        c = np.asarray(x[start : start + rows])
+        if c.dtype.kind == "f":
+            bad = ~np.isfinite(c)
+            k = int(bad.sum())
+            if k:
+                if out["first"] is None:
+                    i = np.unravel_index(int(np.argmax(bad.ravel())), c.shape)
+                    out["first"] = (start + int(i[0]), *(int(j) for j in i[1:]))
+                out["bad"] = int(out["bad"]) + k
+        if c.size and not out["bad"]:
+            lo, hi = float(c.min()), float(c.max())
+            out["lo"], out["hi"] = min(out["lo"], lo), max(out["hi"], hi)
+            out["abs"] = max(float(out["abs"]), abs(lo), abs(hi))
+        release_pages(x)  # a mapped file: the pages read leave the resident set again
+    return out
+
+
+def _check_values(x: np.ndarray, what: str, stats: dict | None = None) -> None:
     """Reject NaN / inf values (naming the count and the first offending index) and values
-    that would overflow to inf as float32."""
+    that would overflow to inf as float32 (from `_scan`'s one pass)."""
     if x.dtype.kind != "f":
         return
-    bad = ~np.isfinite(x)
-    count = int(bad.sum())
-    if count:
-        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.ravel())), x.shape))
+    stats = stats or _scan(x)
+    if stats["bad"]:
+        first = stats["first"]
         raise DataError(
-            f"{what}: expected finite values, found {count} NaN/inf value(s), the first at "
+            f"{what}: expected finite values, found {stats['bad']} NaN/inf value(s), the first at "
             f"index {first if len(first) > 1 else first[0]}"
         )
     limit = float(np.finfo(np.float32).max)
-    if x.dtype.itemsize > 4 and x.size and float(np.abs(x).max()) > limit:
+    if x.dtype.itemsize > 4 and x.size and float(stats["abs"]) > limit:
         raise DataError(
             f"{what}: expected values within the float32 range (|x| <= {limit:.4g}), found "
-            f"{float(np.abs(x).max()):.4g}"
+            f"{float(stats['abs']):.4g}"
         )
 
 
-def _check_unit_range(x: np.ndarray, what: str, binarize: str) -> None:
-    lo, hi = float(x.min()), float(x.max())
+def _check_unit_range(x: np.ndarray, what: str, binarize: str, stats: dict | None = None) -> None:
+    stats = stats or _scan(x)
+    lo, hi = float(stats["lo"]), float(stats["hi"])
     if lo < 0.0 or hi > 1.0:
         raise DataError(
             f"data.binarize='{binarize}' needs values in [0, 1] (Bernoulli probabilities) but "
@@ -562,10 +818,15 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def _to_float(x: np.ndarray, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Rows `idx` of `x` as a contiguous float32 `(len(idx), D)` tensor."""
+    """Rows `idx` of `x` as a contiguous float32 `(len(idx), D)` tensor (from a mapped array:
+    1,024 rows at a time, the mapped pages released after each block)."""
     # numpy converts any numeric dtype (big-endian, float128, uint64, bool) to float32 first
-    rows = np.ascontiguousarray(x[idx.numpy()], dtype=np.float32)
-    t = torch.from_numpy(rows).reshape(len(idx), math.prod(x.shape[1:]))
+    d, ix = math.prod(x.shape[1:]), idx.numpy()
+    rows = np.empty((len(ix), d), dtype=np.float32)
+    for start in range(0, len(ix), 1024):
+        rows[start : start + 1024] = np.asarray(x[ix[start : start + 1024]], dtype=np.float32).reshape(-1, d)
+        release_pages(x)
+    t = torch.from_numpy(rows).reshape(len(idx), d)
     if scale is not None:
         t = t / scale
     return t.contiguous()
@@ -644,6 +905,7 @@ class _Source:
     scale: float | None  # divide by this to reach [0, 1]; None = use values as they are
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    mappable: bool = False  # x is memory-mapped: the training split may stay on disk
 
 
 def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
@@ -661,6 +923,13 @@ def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
         return _Source(name, name, shape, x, y, 255.0, x_te, y_te)
     scale: float | None
     if name == "folder":
+        shards = sorted(
+            p for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in ARRAY_EXTENSIONS
+        )
+        if shards and not _image_files(path):
+            x, y = _load_shards(path, shards)
+            return _Source(path.name, str(path), _point_shape(x.shape), x, y, None, mappable=True)
         x, y = _load_image_folder(path)
         scale = 255.0
     else:
@@ -668,7 +937,8 @@ def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
         scale = None
         if x.ndim == 0:
             raise DataError(f"{path}: expected an array of shape (N, ...), got a scalar")
-    return _Source(path.name or str(path), str(path), _point_shape(x.shape), x, y, scale)
+    mappable = name == "npy" and x.size > 0
+    return _Source(path.name or str(path), str(path), _point_shape(x.shape), x, y, scale, mappable=mappable)
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
@@ -696,9 +966,10 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(
             f"{src.where}: expected at least one non-empty datapoint, got an array of shape {x.shape}"
         )
-    _check_values(x, src.where)
+    stats = _scan(x)  # the one streaming pass over the values
+    _check_values(x, src.where, stats)
     if cfg.binarize != "none" and src.scale is None:
-        _check_unit_range(x, src.where, cfg.binarize)
+        _check_unit_range(x, src.where, cfg.binarize, stats)
 
     official_test = src.x_test is not None
     train_idx, val_idx, test_idx = _split(x.shape[0], cfg, seed, official_test, src.where)
@@ -711,10 +982,27 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
     else:
         x_test, y_test = _to_float(x, test_idx, src.scale), _labels(y, test_idx)
 
+    big = len(train_idx) * math.prod(src.shape) * 4 > MAP_ABOVE_BYTES
+    mapped = src.mappable and (cfg.memory_map == "always" or (cfg.memory_map == "auto" and big))
+    if cfg.memory_map == "always" and not src.mappable:
+        raise DataError(
+            f"data.memory_map='always' needs a .npy file or a folder of .npy/.npz shards; got "
+            f"data.dataset='{cfg.dataset}'"
+        )
+    if mapped and cfg.binarize == "static":
+        raise DataError(
+            f"data.binarize='static' binarizes the training split once, in memory, but "
+            f"{src.where}'s training split stays on disk (data.memory_map='{cfg.memory_map}'); "
+            "use data.binarize='dynamic' or data.memory_map='never'"
+        )
     ds = Dataset(
         name=src.name,
         shape=src.shape,
-        x_train=_to_float(x, train_idx, src.scale),
+        x_train=(
+            MappedRows(x, train_idx.numpy(), src.scale)
+            if mapped
+            else _to_float(x, train_idx, src.scale)
+        ),
         x_val=_to_float(x, val_idx, src.scale),
         x_test=x_test,
         y_train=_labels(y, train_idx),
@@ -772,7 +1060,13 @@ _HASH_CHUNK = 1 << 24  # bytes hashed at a time: the hash never needs a second c
 
 
 def _tensor_sha256(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (C order), hashed in chunks of 16 MiB."""
+    """SHA-256 of a tensor's bytes (C order), hashed in chunks of 16 MiB (a `MappedRows`:
+    the same bytes, read a chunk at a time)."""
+    if isinstance(t, MappedRows):
+        h = hashlib.sha256()
+        for c in t.chunks():
+            h.update(memoryview(c.contiguous().numpy()).cast("B"))
+        return h.hexdigest()
     flat = t.detach().cpu().contiguous().reshape(-1)
     h = hashlib.sha256()
     per_chunk = max(_HASH_CHUNK // max(flat.element_size(), 1), 1)

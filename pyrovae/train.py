@@ -30,10 +30,12 @@ from typing import Any
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from pyrovae.config import TrainConfig
 from pyrovae.data import bernoulli
+from pyrovae.distributed import World, epoch_indices, steps_per_epoch
 from pyrovae.errors import TrainingError
 from pyrovae.objectives import kl_scale, make_loss
 from pyrovae.progress import log
@@ -59,6 +61,13 @@ class Callback:
         pass
 
 
+def _builtin(model: torch.nn.Module) -> bool:
+    from pyrovae.autoencoder import AutoEncoder
+    from pyrovae.model import VAE
+
+    return isinstance(model, VAE | AutoEncoder)
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}")
@@ -70,6 +79,11 @@ class Trainer:
 
     `sync_every`: steps between host reads of the loss (default: every step on CPU, where a read
     is free; `CUDA_SYNC_EVERY` on CUDA). A non-finite loss is caught at the next read.
+
+    `world` (`pyrovae.distributed.init`): train data-parallel, this process being one rank of
+    it: the loss runs under `DistributedDataParallel`, `config.batch_size` is the global batch
+    and each rank takes its share of it (`pyrovae.distributed.epoch_indices`), every step's noise
+    is seeded per rank, and losses and stop requests agree over the ranks (module docs there).
     """
 
     def __init__(
@@ -85,6 +99,7 @@ class Trainer:
         sync_every: int | None = None,
         y_train: torch.Tensor | None = None,
         y_val: torch.Tensor | None = None,
+        world: World | None = None,
     ) -> None:
         self.config, self.device = config, torch.device(device)
         self.model = model.to(self.device)
@@ -101,9 +116,26 @@ class Trainer:
         cond = getattr(model, "conditions_on_labels", False) and y_val is not None
         self.y_val = y_val.to(self.device) if cond else None
         self.loss_fn = make_loss(model, config.objective, config.num_particles)
+        self.world, self.rank, self.world_size = world, 0, 1
+        if world is not None:  # the loss under DDP's gradient averaging (one module per rank)
+            # a parameter can go unused only where beta may be 0 (a masked learned prior) or in
+            # a plugin program; elsewhere DDP is spared the search for unused parameters
+            unused = config.beta == 0 or config.kl_warmup_epochs > 0 or not _builtin(model)
+            self.loss_fn = world.wrap(model, self.loss_fn, find_unused=unused)
+            self.rank, self.world_size = world.rank, world.size
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
+        #: `train.cuda_graph`: the step recorded once and replayed (`pyrovae.cuda_graph`)
+        self.graph = None
+        if config.cuda_graph:
+            from pyrovae.cuda_graph import GraphedStep, check_config
+
+            check_config(config, self.device, world)
+            fused["capturable"] = True
+            self.graph = GraphedStep(self)
         self.opt = torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
         self.gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        #: per-step noise (binarization, an AE's corruption): `gen` itself in one process
+        self.noise_gen = self.gen if world is None else torch.Generator(device=self.device)
         self.epoch, self.step_in_epoch, self.perm = 0, 0, None
         self.lr, self.retries, self.beta = config.lr, 0, config.beta
         self.history: list[dict[str, Any]] = []
@@ -128,7 +160,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`; `ValueError` naming the entry that does not fit."""
-        n_batches = math.ceil(self.n / self.config.batch_size)
+        n_batches = self.steps_per_epoch()
         perm, step = state["perm"], state["step_in_epoch"]
         if perm is not None and (
             perm.dtype != torch.int64
@@ -157,6 +189,8 @@ class Trainer:
                 f"config describes: {' '.join(lines)[:300]}"
             ) from None
         self.epoch, self.step_in_epoch = state["epoch"], step
+        if self.graph is not None:  # new optimizer state tensors: record the step again
+            self.graph.invalidate()
         self.perm = perm.to(self.device) if perm is not None else None
         self.lr, self.retries, self.history = state["lr"], state["retries"], list(state["history"])
 
@@ -169,6 +203,8 @@ class Trainer:
         torch.set_rng_state(snap["torch_rng"])
         self.gen.set_state(snap["batch_rng"].to(self.gen.get_state().device))
         self.perm, self.step_in_epoch = snap["perm"], snap["step_in_epoch"]
+        if self.graph is not None:
+            self.graph.invalidate()
 
     # -- schedule --------------------------------------------------------------------------
     def scheduled_lr(self) -> float:
@@ -182,18 +218,24 @@ class Trainer:
             g["lr"] = lr
 
     # -- one step --------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        """Global steps per epoch: $\\lceil N/B \\rceil$ in one process (see
+        `pyrovae.distributed.steps_per_epoch` for several)."""
+        return steps_per_epoch(self.n, self.config.batch_size, self.world_size)
+
     def batch(self, s: int) -> torch.Tensor:
-        """Minibatch `s` of the current epoch order (binarized afresh when dynamic)."""
-        b = self.config.batch_size
-        x = self.x_train.index_select(0, self.perm[s * b : (s + 1) * b])
-        return bernoulli(x, self.gen) if self.dynamic else x
+        """This rank's share of minibatch `s` of the current epoch order (binarized afresh when
+        dynamic); the whole minibatch in one process."""
+        idx = epoch_indices(self.perm, s, self.config.batch_size, self.rank, self.world_size)
+        x = self.x_train.index_select(0, idx)
+        return bernoulli(x, self.noise_gen) if self.dynamic else x
 
     def batch_labels(self, s: int) -> torch.Tensor | None:
-        """The labels of minibatch `s` (None unless the model uses labels)."""
+        """This rank's labels of minibatch `s` (None unless the model uses labels)."""
         if self.y_train is None:
             return None
-        b = self.config.batch_size
-        return self.y_train.index_select(0, self.perm[s * b : (s + 1) * b])
+        idx = epoch_indices(self.perm, s, self.config.batch_size, self.rank, self.world_size)
+        return self.y_train.index_select(0, idx)
 
     def step(
         self, x: torch.Tensor, check: bool = True, y: torch.Tensor | None = None
@@ -201,14 +243,19 @@ class Trainer:
         """One optimizer step on `x` (labels `y` for a model with `uses_labels`); returns the
         detached loss per datapoint. With `check` a non-finite loss (read on the host) skips
         the update."""
+        if self.graph is not None and y is None:  # replayed, unless validated / warming up β / a short batch
+            eager = is_validation_enabled() or self.beta != self.config.beta
+            loss = self.graph(x, eager)
+            if loss is not None:
+                return loss
         self.opt.zero_grad(set_to_none=True)
         labels = {} if y is None else {"y": y}
-        loss = self.loss_fn(x, self.n, self.beta, self.gen, **labels)
+        loss = self.loss_fn(x, self.n, self.beta, self.noise_gen, **labels)
         for cb in self.callbacks:
             loss = cb.on_loss(self, loss)
         if loss.requires_grad:
             loss.backward()
-        loss = loss.detach()
+        loss = loss.detach() if self.world is None else self.world.mean(loss)
         if not check or math.isfinite(loss.item()):
             self.opt.step()
         return loss
@@ -216,7 +263,7 @@ class Trainer:
     def _run_epoch(self) -> tuple[float, bool]:
         """Steps `step_in_epoch ..` of the epoch. Returns (mean loss, finished)."""
         t, sync = self.config, self.sync_every
-        n_batches = math.ceil(self.n / t.batch_size)
+        n_batches = self.steps_per_epoch()
         if self.perm is None:
             self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
         first, total, count, pending, n_pending = self.step_in_epoch, 0.0, 0, None, 0
@@ -229,6 +276,8 @@ class Trainer:
         for s in bar:
             self.beta = kl_scale(t.beta, t.kl_warmup_epochs, self.epoch + s / n_batches)
             skip = s > first and not t.validate_every_step  # Pyro checks each epoch's first step
+            if self.world is not None:  # this rank's noise for this step, whatever came before
+                self.world.seed_step(t.seed, self.epoch, s, self.noise_gen)
             with pyro.validation_enabled(False) if skip else contextlib.nullcontext():
                 loss = self.step(self.batch(s), check=sync == 1, y=self.batch_labels(s))
             pending = loss if pending is None else pending + loss
@@ -236,6 +285,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, loss)
             stopping = self.stop_requested is not None
+            if self.world is not None and self.world.any(stopping):  # every rank stops here
+                stopping, self.stop_requested = True, self.stop_requested or signal.SIGTERM
             if n_pending >= sync or s == n_batches - 1 or stopping:
                 value = pending.item()
                 if not math.isfinite(value):
@@ -255,12 +306,20 @@ class Trainer:
         without a validation split."""
         if len(self.x_val) == 0:
             return None
+        from pyrovae.distributed import per_point
         from pyrovae.evaluate import elbo, evaluation_mode
 
         with evaluation_mode(self.model):
             if self.is_vae:
                 m = self.model
-                return float(elbo(m.model, m.guide, self.x_val, batch_size=1024, y=self.y_val).mean())
+                y_val = self.y_val
+
+                def fn(i: torch.Tensor) -> torch.Tensor:
+                    y = None if y_val is None else y_val[i]
+                    return elbo(m.model, m.guide, self.x_val[i], batch_size=1024, y=y)
+
+                # sharded over the ranks
+                return float(per_point(fn, torch.arange(len(self.x_val))).mean())
             losses = [float(self.model.loss(xb)) * len(xb) for xb in self.x_val.split(1024)]
             return sum(losses) / len(self.x_val)
 
@@ -298,7 +357,10 @@ class Trainer:
                 self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
                 for cb in self.callbacks:
                     cb.on_epoch_end(self)
-                if self.stop_requested is not None:
+                stop = self.stop_requested is not None
+                if self.world is not None and self.world.any(stop):  # a signal since the last step
+                    stop, self.stop_requested = True, self.stop_requested or signal.SIGTERM
+                if stop:
                     return False
         return True
 
@@ -342,7 +404,9 @@ class Trainer:
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
-            if self.stop_requested is not None:
+            # several processes: the launcher forwards a Ctrl-C the ranks got already, and a
+            # rank that stopped at once would leave the others waiting: always stop cleanly
+            if self.stop_requested is not None and self.world is None:
                 signal.signal(signum, old[signum])
                 raise KeyboardInterrupt
             self.request_stop(signum)

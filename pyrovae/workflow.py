@@ -14,7 +14,7 @@ from typing import Any
 import pyro
 import torch
 
-from pyrovae import evaluate, plots
+from pyrovae import distributed, evaluate, plots
 from pyrovae.build import (
     build_model,
     check_data_for_model,
@@ -179,6 +179,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     accept_plugin_changes: bool = False,
     accept_data_changes: bool = False,
+    backend: str = "auto",
 ) -> Run:
     """Train the model a config describes and write the run folder `out_dir`.
 
@@ -204,17 +205,22 @@ def fit(
     site of its `model(x)` and `guide(x)` must be inside `pyro.plate("data", len(x))`. Each
     minibatch of B of the N training points is then scored with every site scaled by N/B
     (`pyrovae.objectives.data_program`), an unbiased estimate of the full-data ELBO.
+
+    In a process `torchrun` started, `fit` joins the job (`pyrovae.distributed.init`, with
+    `backend`) and trains data-parallel: every rank reads the data and the checkpoint, rank 0
+    alone holds the lock and writes the run folder, evaluation is sharded over the ranks.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: expected a run folder, got an existing file")
     lock = RunLock(out)
+    lead = distributed.launched_rank() == 0  # the one process that writes the folder
     try:
-        if out.is_dir():  # before reading or writing anything in it
+        if out.is_dir() and lead:  # before reading or writing anything in it
             lock.acquire()
         return _fit_locked(
             config, out, lock, resume, progress, data, figures, callbacks,
-            accept_plugin_changes, accept_data_changes,
+            accept_plugin_changes, accept_data_changes, backend,
         )
     finally:
         lock.release()
@@ -231,10 +237,12 @@ def _fit_locked(
     callbacks: Sequence[Callback],
     accept_plugin_changes: bool,
     accept_data_changes: bool,
+    backend: str = "auto",
 ) -> Run:
     """`fit`, with `lock` held if `out` exists (else taken as soon as `out` is created)."""
     ckpt = out / CHECKPOINT
     state = None
+    lead = distributed.launched_rank() == 0
 
     def refuse_existing_run() -> None:
         held = [p.name for p in (ckpt, out / LEGACY_CHECKPOINT) if p.exists()]
@@ -249,41 +257,50 @@ def _fit_locked(
     else:
         cfg = load_config(config)
         refuse_existing_run()
+    world = distributed.init(backend, cfg.train.device)  # None unless torchrun started us
     pyro.set_rng_seed(cfg.train.seed)
-    data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
-    source = f"data.dataset={cfg.data.dataset!r}"
-    if state is not None and tuple(state["data_shape"]) != tuple(data.shape):
-        raise DataError(
-            f"--resume: {source}: expected data points of shape "
-            f"{tuple(state['data_shape'])}, as the model in {ckpt} was trained on; got shape "
-            f"{tuple(data.shape)}. Did the data file change since? Restore it or start a new run."
-        )
-    model = build_model(cfg, data.shape)
-    check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
-    if is_plugin_model(model):
-        check_program(model, data.x_train[: min(2, len(data.x_train))], f"model.kind = {cfg.model.kind!r}")
-    if state is not None:
-        fp = check_data_fingerprint(state, data, f"--resume: {source}", ckpt, accept_data_changes)
-    else:
-        fp = fingerprint(data)
-    device = resolve_device(cfg.train.device)
+    with distributed.all_or_none(world):  # a bad input on any rank stops every rank
+        data = data if data is not None else load_data(cfg.data, seed=cfg.train.seed)
+        source = f"data.dataset={cfg.data.dataset!r}"
+        if state is not None and tuple(state["data_shape"]) != tuple(data.shape):
+            raise DataError(
+                f"--resume: {source}: expected data points of shape "
+                f"{tuple(state['data_shape'])}, as the model in {ckpt} was trained on; got shape "
+                f"{tuple(data.shape)}. Did the data file change since? Restore it or start a new run."
+            )
+        distributed.check_job(cfg.train.batch_size, len(data.x_train), world)
+        model = build_model(cfg, data.shape)
+        check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
+        if is_plugin_model(model):
+            check_program(model, data.x_train[: min(2, len(data.x_train))], f"model.kind = {cfg.model.kind!r}")
+        fp = None
+        if state is not None and lead:
+            fp = check_data_fingerprint(state, data, f"--resume: {source}", ckpt, accept_data_changes)
+        elif lead:
+            fp = fingerprint(data)
+        device = resolve_device(cfg.train.device) if world is None else world.device
+        from pyrovae.cuda_graph import check_config
 
-    created = _first_missing_ancestor(out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        if lock.fd is None:  # a new folder: lock it before writing anything, then look again
-            lock.acquire()
-            if not resume:
-                refuse_existing_run()
-    except OSError:  # not RunLockedError: the folder may be another process's by now
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    remove_stale_temp_files(out)
+        check_config(cfg.train, device, world)  # train.cuda_graph: before the folder exists
+
+    created = _first_missing_ancestor(out) if lead else None
+    with distributed.all_or_none(world):
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                if lock.fd is None:  # a new folder: lock it before writing anything, then look again
+                    lock.acquire()
+                    if not resume:
+                        refuse_existing_run()
+            except OSError:  # not RunLockedError: the folder may be another process's by now
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
+            remove_stale_temp_files(out)
     last = (state["epoch"], state["step_in_epoch"]) if state is not None else None
     writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
     extra: list[Callback] = []
-    if cfg.train.log:
+    if cfg.train.log and lead:
         from pyrovae.tblog import TensorBoardLogger, parts_data
 
         parts = parts_data(data, cfg.train.seed)
@@ -295,10 +312,11 @@ def _fit_locked(
         data.x_val,
         dynamic_binarize=data.binarize == "dynamic",
         device=device,
-        callbacks=[writer, *extra, *callbacks],
-        progress=progress,
+        callbacks=[writer, *extra, *callbacks] if lead else list(callbacks),
+        progress=progress if lead else False,
         y_train=data.y_train,
         y_val=data.y_val,
+        world=world,
     )
     try:
         if state is not None:
@@ -306,12 +324,12 @@ def _fit_locked(
                 trainer.load_state_dict(state)
             except ValueError as e:
                 raise CheckpointError(f"{ckpt}: {e}") from None
-        else:
+        elif lead:
             writer.write(
                 out / CONFIG, lambda: atomic_write_bytes(out / CONFIG, cfg.to_toml().encode())
             )
         finished = trainer.train()
-        if not finished:
+        if not finished and lead:
             writer.save(trainer)
     except BaseException as e:
         for cb in extra:
@@ -327,7 +345,9 @@ def _fit_locked(
             cb.close()
     run = Run(out, cfg, model, trainer.history, data=data, interrupted=not finished)
     if finished:
-        run.metrics = final_metrics(run)
+        run.metrics = final_metrics(run)  # sharded over the ranks
+        if not lead:
+            return run
         writer.write(out / METRICS, lambda: atomic_write_json(out / METRICS, run.metrics))
         if figures:
             writer.write(out / "figures", lambda: plots.run_figures(run, out / "figures"))
@@ -351,9 +371,12 @@ def final_metrics(run: Run) -> dict[str, Any]:
         out["binarize"] = run.config.data.binarize
         if hasattr(model, "guide"):
             y = eval_labels(model, data.y_test)
-            out["test_elbo"] = float(
-                evaluate.elbo(model.model, model.guide, x_test, batch_size=1024, y=y).mean()
-            )
+
+            def fn(i: torch.Tensor) -> torch.Tensor:
+                yi = None if y is None else y[i]
+                return evaluate.elbo(model.model, model.guide, x_test[i], batch_size=1024, y=yi)
+
+            out["test_elbo"] = float(distributed.per_point(fn, torch.arange(len(x_test))).mean())
         else:
             out["test_elbo"] = None
             with torch.no_grad():
@@ -406,14 +429,15 @@ def evaluate_run(
         return m
     device = next(model.parameters()).device
     with evaluate.evaluation_mode(model), stage(f"IWAE log p(x), K={iwae_samples}"):
-        ll = evaluate.log_likelihood(
-            model.model,
-            model.guide,
-            run.data.x_test.to(device),
-            iwae_samples,
-            batch_size,
-            y=eval_labels(model, run.data.y_test),
-        )
+        x_test, y = run.data.x_test.to(device), eval_labels(model, run.data.y_test)
+
+        def fn(i: torch.Tensor) -> torch.Tensor:  # datapoints sharded over the ranks (torchrun)
+            yi = None if y is None else y[i]
+            return evaluate.log_likelihood(
+                model.model, model.guide, x_test[i], iwae_samples, batch_size, y=yi
+            )
+
+        ll = distributed.per_point(fn, torch.arange(len(x_test)))
     mean, se = evaluate.mean_and_se(ll)
     m.update(log_likelihood=mean, log_likelihood_se=se)
     what = getattr(model, "log_likelihood_of", "log p(x)")
