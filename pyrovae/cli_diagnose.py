@@ -77,10 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from pyrovae.diagnostics import KHAT_MIN_SAMPLES
+
     for name, low in (
         ("points", 0),
         ("iwae_samples", 1),
-        ("khat_samples", 20),
+        ("khat_samples", KHAT_MIN_SAMPLES),
         ("max_points", 2),
         ("gap_points", 0),
         ("chains", 1),

@@ -137,6 +137,11 @@ def log_weights_chunked(
 
 
 # ---------------------------------------------------------------------------------------- PSIS
+#: PSIS fits the Pareto tail to the largest min(K/5, 3 sqrt(K)) weights and needs at least 5 of
+#: them (Vehtari et al. 2024): K >= 25 importance samples per datapoint
+KHAT_MIN_SAMPLES = 25
+
+
 def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
     r"""Pareto $\hat k$ per datapoint from log weights $\log w = \log p(x,z) - \log q(z\mid x)$,
     `(K, N)`, via `arviz_stats.base.array_stats.psislw` (ArviZ 1.x).
@@ -151,6 +156,11 @@ def khat_from_log_weights(lw: torch.Tensor) -> torch.Tensor:
     """
     from arviz_stats.base import array_stats
 
+    if lw.shape[0] < KHAT_MIN_SAMPLES:
+        raise ValueError(
+            f"PSIS k-hat: expected at least {KHAT_MIN_SAMPLES} importance samples per datapoint "
+            f"(the Pareto tail needs 5 of the largest K/5 weights), got {lw.shape[0]}"
+        )
     arr = lw.detach().double().cpu().numpy().T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -100,7 +100,7 @@ def test_label_conditioned_samples_are_classified_as_their_label(tmp_path, capsy
     assert main(["evaluate", str(run), "--json", "--iwae-samples", "8", "-q"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert "log p(x | y)" in m["log_likelihood_note"]
-    assert main(["diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "20",
+    assert main(["diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "25",
                  "--max-points", "20", "--iwae-points", "20", "-q"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["latent_sites"]["z"]["dim"] == 4 and d["psis"]["samples"] == 20
@@ -118,7 +118,7 @@ def test_quadrant_cvae_cli(tmp_path, capsys):
     assert set(m["conditional_nll"]) == {"1", "2", "3"}
     assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.npy"), "-q"]) == 2
     assert "CVAE.complete" in capsys.readouterr().err
-    assert main(["diagnose", str(run), "--json", "--iwae-samples", "4", "--khat-samples", "20",
+    assert main(["diagnose", str(run), "--json", "--iwae-samples", "4", "--khat-samples", "25",
                  "--max-points", "10", "--iwae-points", "10", "-q"]) == 0
 
 

@@ -170,7 +170,7 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
                 "--iwae-samples",
                 "8",
                 "--khat-samples",
-                "20",
+                "25",
                 "--max-points",
                 "20",
                 "--iwae-points",
