@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import pyrovae  # noqa: E402
 from pyrovae import evaluate  # noqa: E402
+from pyrovae.runs import CHECKPOINT  # noqa: E402
 
 
 def nll(run: pyrovae.Run, x: torch.Tensor, k: int) -> tuple[float, float]:
@@ -79,7 +80,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         run = pyrovae.fit(
             cfg,
             out,
-            resume=(out / "checkpoint.pt").exists(),
+            resume=(out / CHECKPOINT).exists(),
             progress=False,
             data=data,
             figures=False,

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pyrovae  # noqa: E402
+from pyrovae.runs import CHECKPOINT  # noqa: E402
 
 
 def commit() -> str:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         "epochs": 0,
         "train_minutes": 0.0,
     }
-    if args.resume and res_path.is_file() and (out / "checkpoint.pt").is_file():
+    if args.resume and res_path.is_file() and (out / CHECKPOINT).is_file():
         result = {**json.loads(res_path.read_text()), "commit": result["commit"]}
     elif out.exists():
         shutil.rmtree(out)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = pyrovae.fit(
             cfg,
             out,
-            resume=(out / "checkpoint.pt").exists(),
+            resume=(out / CHECKPOINT).exists(),
             progress=False,
             data=data,
             figures=False,

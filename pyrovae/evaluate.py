@@ -118,12 +118,20 @@ def vectorized_traces(
     return g, m, pdim
 
 
-def trace_log_prob(trace, pdim: int, num_particles: int, n: int, observed: bool | None = None):
+def trace_log_prob(
+    trace,
+    pdim: int,
+    num_particles: int,
+    n: int,
+    observed: bool | None = None,
+    device: torch.device | None = None,
+):
     """Sum of per-datapoint log densities of a trace's sample sites, shape `(K, N)`.
 
-    `observed=True` keeps only observed sites, `False` only latent ones, `None` all.
+    `observed=True` keeps only observed sites, `False` only latent ones, `None` all. `device`:
+    where the zeros of a trace without such sites live (a guide with no latent site).
     """
-    total = torch.zeros(())
+    total = torch.zeros((), device=device)
     for site in trace.nodes.values():
         if not is_scored(site) or (observed is not None and site["is_observed"] != observed):
             continue
@@ -137,8 +145,10 @@ def log_weights_with_grad(
 ) -> torch.Tensor:
     r"""`log_weights` without `torch.no_grad` (for optimizing a guide on it)."""
     g, m, pdim = vectorized_traces(model, guide, x, num_particles, *args, **kwargs)
-    n = x.shape[0]
-    return trace_log_prob(m, pdim, num_particles, n) - trace_log_prob(g, pdim, num_particles, n)
+    n, dev = x.shape[0], x.device
+    return trace_log_prob(m, pdim, num_particles, n, device=dev) - trace_log_prob(
+        g, pdim, num_particles, n, device=dev
+    )
 
 
 @torch.no_grad()
