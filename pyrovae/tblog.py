@@ -165,7 +165,12 @@ class TensorBoardLogger(Callback):
             rec = model.reconstruct(x).reshape(-1, *shape)
             w.add_images("reconstructions", _pair(x.reshape(-1, *shape), rec), step)
         if hasattr(model, "guide") and callable(getattr(model, "sample", None)):
-            w.add_images("samples", _unit(model.sample(IMAGES).reshape(-1, *shape)), step)
+            try:
+                s = model.sample(IMAGES)
+            except ValueError:  # a structured model that draws only given a condition
+                s = None
+            if s is not None:
+                w.add_images("samples", _unit(s.reshape(-1, *shape)), step)
         elif hasattr(model, "decode_prior_draws"):
             w.add_images("samples", _unit(model.decode_prior_draws(IMAGES).reshape(-1, *shape)), step)
 

@@ -28,6 +28,7 @@ from pyrovae.build import build_model
 from pyrovae.config import load_config
 from pyrovae.data import load_data
 from pyrovae.distributed import epoch_indices, step_seed, steps_per_epoch
+from pyrovae.runs import CHECKPOINT, load_checkpoint
 from pyrovae.train import Callback, Trainer
 
 CTX = mp.get_context("fork")  # the children share this process's imports: no seconds of startup
@@ -166,7 +167,7 @@ def test_two_process_run_is_reproducible_and_resumes_in_one(tmp_path):
     cfg = tiny_config(train={"epochs": 2}, data={"binarize": "dynamic"})
     for name in ("a", "b"):
         assert run_ranks(_fit, 2, cfg, tmp_path / name, log=tmp_path / name) == [0, 0]
-    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in "ab")
+    a, b = (load_checkpoint(tmp_path / n / CHECKPOINT) for n in "ab")
     assert a["epoch"] == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -252,14 +253,14 @@ def test_resuming_with_other_data_is_refused_on_every_rank(tmp_path):
                       train={"epochs": 1, "batch_size": 16})
     out = tmp_path / "run"
     assert run_ranks(_fit, 2, cfg, out, log=tmp_path / "f") == [0, 0]
-    before = (out / "checkpoint.pt").read_bytes()
+    before = (out / CHECKPOINT).read_bytes()
     x[3, 2] = 0.5
     np.save(tmp_path / "x.npy", x)
     assert run_ranks(_cli, 2, ["fit", "--out", out, "--resume", "--set", "train.epochs=2"],
                      log=tmp_path / "r") == [2, 2]
     rank0, rank1 = _errors(tmp_path / "r")
     assert "the data changed since the run" in rank0 and rank0.count("\n") == 1 and rank1 == ""
-    assert (out / "checkpoint.pt").read_bytes() == before
+    assert (out / CHECKPOINT).read_bytes() == before
 
 
 def test_unreachable_rendezvous_times_out(tmp_path):
@@ -299,19 +300,19 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
     cfg.write_text(load_config(tiny_config(train={"epochs": 400})).to_toml())
     out = tmp_path / "run"
     proc = _launch(tmp_path, cfg, "--out", out, "--nproc", "2", "-q")
-    _wait_for(out / "checkpoint.pt", proc)
+    _wait_for(out / CHECKPOINT, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "interrupted; checkpoint written" in err
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / CHECKPOINT)
     assert state["epoch"] >= 1 and not (out / ".lock").exists()
 
 
 def test_kill_9_of_a_rank_fails_the_job_cleanly_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     assert run_ranks(_fit, 2, tiny_config(train={"epochs": 1}), out, log=tmp_path / "f") == [0, 0]
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(out / CHECKPOINT)
     (tmp_path / "more.toml").write_text(load_config(tiny_config(train={"epochs": 400})).to_toml())
     # resume with 2 processes; kill -9 one worker: the job ends (no hang), the checkpoint stays
     proc = _launch(tmp_path, tmp_path / "more.toml", "--out", out, "--resume", "--nproc", "2", "-q")
@@ -325,7 +326,7 @@ def test_kill_9_of_a_rank_fails_the_job_cleanly_and_resume_continues(tmp_path):
     assert proc.returncode not in (0, 130), err
     assert "pyrovae: error: the job stopped: " in err and "killed by signal 9" in err, err
     assert "is kept: pyrovae fit --out" in err
-    after = torch.load(out / "checkpoint.pt", weights_only=True)
+    after = load_checkpoint(out / CHECKPOINT)
     assert after["epoch"] >= state["epoch"]
     # and --resume (one process) continues from the last checkpoint
     run = pyrovae.fit(tiny_config(train={"epochs": after["epoch"] + 1}), out, resume=True,

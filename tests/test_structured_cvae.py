@@ -103,7 +103,7 @@ def test_label_conditioned_samples_are_classified_as_their_label(tmp_path, capsy
     assert main(["diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "25",
                  "--max-points", "20", "--iwae-points", "20", "-q"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["latent_sites"]["z"]["dim"] == 4 and d["psis"]["samples"] == 20
+    assert d["latent_sites"]["z"]["dim"] == 4 and d["psis"]["samples"] == 25
 
 
 def test_quadrant_cvae_cli(tmp_path, capsys):
