@@ -9,7 +9,9 @@ process.
 Two trainers are built from the same seed; each repeat trains one epoch (or
 `--epochs-per-repeat`) with each, in alternating order, and times it, the logger's per-epoch
 work (ELBO parts and KL per dimension on 256 validation points, the images, the flush to the
-event file) included. Results: the median of the per-repeat ratios (logged / not logged) and
+event file) included. Results: the seconds spent inside the logger's hooks (wall and CPU) as a
+share of the training time without it — the direct measure, little disturbed by a busy
+machine —, and the median of the per-repeat ratios (logged / not logged) and
 the ratio of the totals, in wall-clock time and in CPU time of this process
 (`time.process_time`, less disturbed by other processes on a shared machine), at the default
 interval (`train.log_every`, 50 steps) unless `--log-every` says otherwise.
@@ -33,6 +35,31 @@ import torch  # noqa: E402
 import pyrovae  # noqa: E402
 from pyrovae.tblog import TensorBoardLogger, parts_data  # noqa: E402
 from pyrovae.train import Callback, Trainer  # noqa: E402
+
+
+class Timed:
+    """Wraps the logger's hooks and sums the wall and CPU seconds spent inside them (a direct
+    measure of its cost, insensitive to how long the epochs around it take on a busy machine;
+    the event writer's background thread is not included)."""
+
+    def __init__(self, logger: TensorBoardLogger) -> None:
+        self.logger, self.wall, self.cpu = logger, 0.0, 0.0
+        for hook in ("on_step_end", "on_epoch_end"):
+            setattr(self, hook, self._wrap(getattr(logger, hook)))
+
+    def _wrap(self, fn):
+        def hook(*args):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args)
+            finally:
+                self.wall += time.perf_counter() - t0
+                self.cpu += time.process_time() - c0
+
+        return hook
+
+    def on_loss(self, trainer, loss):
+        return loss
 
 
 class StopAt(Callback):
@@ -75,7 +102,8 @@ def main(argv=None) -> int:
             if name == "on":
                 parts = parts_data(data, cfg.train.seed)
                 loggers[name] = TensorBoardLogger(tmp, tuple(data.shape), parts, cfg.train.log_every)
-                cbs = [loggers[name], *cbs]
+                timed = Timed(loggers[name])
+                cbs = [timed, *cbs]
             trainers[name] = Trainer(
                 model, cfg.train, data.x_train, data.x_val,
                 dynamic_binarize=data.binarize == "dynamic", callbacks=cbs, progress=False,
@@ -85,6 +113,7 @@ def main(argv=None) -> int:
         for name in ("on", "off"):  # warm-up epoch (imports, first event file)
             stoppers[name].until = trainers[name].epoch + 1
             trainers[name].train()
+        timed.wall = timed.cpu = 0.0
         for rep in range(a.repeats):
             for name in ("on", "off") if rep % 2 == 0 else ("off", "on"):
                 tr = trainers[name]
@@ -107,6 +136,9 @@ def main(argv=None) -> int:
         "overhead_ratio": ratio,
         "overhead_percent": 100 * (ratio - 1),
         "total_ratio": total,
+        "in_logger_seconds": timed.wall,
+        "in_logger_share_of_training": timed.wall / sum(times["off"]),
+        "in_logger_cpu_share_of_training": timed.cpu / sum(cpu["off"]),
         "cpu_overhead_ratio": cpu_ratio,
         "cpu_total_ratio": cpu_total,
         "heavy_epochs": f"{loggers['on'].heavy_count} of {trainers['on'].epoch}",

@@ -45,6 +45,10 @@ from pyrovae.train import Callback, Trainer
 PARTS_POINTS = 256
 IMAGES = 16
 TB = "tb"
+#: the event writer's background thread writes pending events at least this often; the logger
+#: also flushes after the ELBO parts and images, and on `close()` (a flush waits for the
+#: thread, which on a busy machine costs milliseconds: not done after every epoch)
+FLUSH_SECONDS = 30
 
 
 class TensorBoardLogger(Callback):
@@ -82,7 +86,9 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             step = self.global_step(trainer)
-            self.writer = SummaryWriter(str(self.dir), purge_step=step if step > 0 else None)
+            self.writer = SummaryWriter(
+                str(self.dir), purge_step=step if step > 0 else None, flush_secs=FLUSH_SECONDS
+            )
         return self.writer
 
     # -- hooks -----------------------------------------------------------------------------
@@ -112,8 +118,7 @@ class TensorBoardLogger(Callback):
         trained = sum(h.get("epoch_seconds", 0.0) for h in trainer.history)  # this run's epochs
         last = trainer.epoch >= trainer.config.epochs
         if self.heavy_count and not last and self.heavy_seconds > self.budget * trained:
-            w.flush()
-            return
+            return  # the writer's thread flushes every FLUSH_SECONDS, and on close
         self._heavy(w, trainer, step)
         self.heavy_seconds += time.perf_counter() - now
         self.heavy_count += 1
