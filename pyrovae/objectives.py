@@ -185,7 +185,7 @@ def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) ->
         return labelled
 
     def loss(x: torch.Tensor, n_data: int, beta: float, gen=None, y=None) -> torch.Tensor:
-        return elbo.differentiable_loss(model_fn, guide_fn, x, n_data, beta) / n_data
+        return elbo.differentiable_loss(model_fn, guide_fn, x, n_data=n_data, beta=beta) / n_data
 
     loss.elbo = elbo  # type: ignore[attr-defined]
     return loss
