@@ -145,3 +145,18 @@ def test_bad_input_one_line(tmp_path, capsys):
         assert says in err and err.count("\n") == 1, err
         assert not (tmp_path / f"run{i}").exists()
     pyro.clear_param_store()
+
+
+def test_training_loss_is_the_negative_conditional_log_likelihood_per_point():
+    """The trainer's loss for a structured model without labels: the baseline has no latent
+    site, so the loss of a minibatch of B out of N is exactly -mean log p(x_missing | x_given)."""
+    from pyrovae.objectives import make_loss
+
+    _, data, base = _built({**QUADRANTS, "model": {**QUADRANTS["model"], "kind": "cvae_baseline", "latent_dim": 2}})
+    x = data.x_train[:12]
+    loss = make_loss(base, "trace_elbo")(x, 1000, 1.0, None)
+    gmask = base.given_mask(x, None)
+    raw = base.net(torch.where(gmask, x, torch.full_like(x, -1.0)))
+    lp = torch.distributions.ContinuousBernoulli(logits=raw).log_prob(x)
+    exact = -(lp * (~gmask)).sum(-1).mean()
+    assert torch.allclose(loss, exact, rtol=1e-5)
