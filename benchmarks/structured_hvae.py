@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_k=args.eval_k,
         eval_points=len(x),
         eval_seconds=time.perf_counter() - t0,
+        evaluated_epochs=len(run.history),  # complete epochs in the evaluated checkpoint
         **{f"test_{k}": v for k, v in run.model.metrics(x).items()},
     )
     res_path.write_text(json.dumps(result, indent=2))
