@@ -74,6 +74,10 @@ class TensorBoardLogger(Callback):
         self.images = images and len(self.data_shape) == 3 and self.data_shape[0] in (1, 3)
         self.writer = None
         self.budget, self.heavy_seconds, self.heavy_count = budget, 0.0, 0
+        #: step scalars logged before the writer exists (it is created at the first epoch end,
+        #: after the run's first checkpoint, so importing and starting it never delays that)
+        self.pending: list[tuple[str, float, int]] = []
+        self.first_step: int | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -85,7 +89,7 @@ class TensorBoardLogger(Callback):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            step = self.global_step(trainer)
+            step = self.first_step if self.first_step is not None else self.global_step(trainer)
             self.writer = SummaryWriter(
                 str(self.dir), purge_step=step if step > 0 else None, flush_secs=FLUSH_SECONDS
             )
@@ -94,19 +98,27 @@ class TensorBoardLogger(Callback):
     # -- hooks -----------------------------------------------------------------------------
     def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
         step = self.global_step(trainer)
+        if self.first_step is None:
+            self.first_step = step  # events of an earlier process from here on are purged
         if step % self.log_every:
             return
-        w = self._writer(trainer)
         value = float(loss)  # a host read: only every log_every steps
-        if trainer.is_vae:
-            w.add_scalar("step/elbo", -value, step)
-        else:
-            w.add_scalar("step/loss", value, step)
-        w.add_scalar("step/lr", trainer.lr, step)
-        w.add_scalar("step/beta", trainer.beta, step)
+        rows = [
+            ("step/elbo", -value) if trainer.is_vae else ("step/loss", value),
+            ("step/lr", trainer.lr),
+            ("step/beta", trainer.beta),
+        ]
+        if self.writer is None:  # the writer starts after the first checkpoint: keep them
+            self.pending += [(tag, v, step) for tag, v in rows]
+            return
+        for tag, v in rows:
+            self.writer.add_scalar(tag, v, step)
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         w = self._writer(trainer)
+        for tag, v, st in self.pending:
+            w.add_scalar(tag, v, st)
+        self.pending = []
         step, row = self.global_step(trainer), trainer.history[-1]
         for key in ("train_elbo", "val_elbo", "train_loss", "val_loss", "lr", "epoch_seconds"):
             if row.get(key) is not None:
