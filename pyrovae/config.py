@@ -154,8 +154,8 @@ class ModelConfig(_Section):
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "classes": ("m2", "cvae"),
     "alpha": ("m2",),
-    "condition": ("cvae",),
-    "given": ("cvae",),
+    "condition": ("cvae", "cvae_baseline"),
+    "given": ("cvae", "cvae_baseline"),
     "clusters": ("gmvae",),
     "cluster_guide": ("gmvae",),
     "latent_dims": ("hvae",),

@@ -56,10 +56,10 @@ def data_plate_dim(site: dict) -> int:
     )
 
 
-def _max_plate_nesting(model, guide, *args) -> int:
+def _max_plate_nesting(model, guide, *args, **kwargs) -> int:
     with poutine.block():
-        g = poutine.trace(guide).get_trace(*args)
-        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args)
+        g = poutine.trace(guide).get_trace(*args, **kwargs)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
     dims = [
         -f.dim
         for t in (g, m)

@@ -127,9 +127,13 @@ def run_figures(run: Run, out: Path) -> list[Path]:
         gen = torch.Generator().manual_seed(0)
         if kind not in ("vae", "ae"):  # a plugin model: samples if it can draw them
             if callable(getattr(model, "sample", None)):
-                with torch.no_grad():
-                    s = model.sample(64)
-                paths.append(image_grid(s, data.shape, out / "samples.png", f"{kind}: samples"))
+                try:
+                    with torch.no_grad():
+                        s = model.sample(64)
+                except ValueError:  # a structured model that draws only given a condition
+                    s = None
+                if s is not None:
+                    paths.append(image_grid(s, data.shape, out / "samples.png", f"{kind}: samples"))
         elif kind == "vae":
             s = model.sample(64)
             paths.append(image_grid(s, data.shape, out / "samples.png", "VAE: E[x|z], z ~ p(z)"))

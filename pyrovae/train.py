@@ -84,6 +84,7 @@ class Trainer:
         progress: bool | None = None,
         sync_every: int | None = None,
         y_train: torch.Tensor | None = None,
+        y_val: torch.Tensor | None = None,
     ) -> None:
         self.config, self.device = config, torch.device(device)
         self.model = model.to(self.device)
@@ -96,6 +97,9 @@ class Trainer:
         #: the training labels (-1: unlabelled), batched with `x` for models with `uses_labels`
         labels = getattr(model, "uses_labels", False) and y_train is not None
         self.y_train = y_train.to(self.device) if labels else None
+        #: validation labels, for a model whose ELBO is conditional on them (a label CVAE)
+        cond = getattr(model, "conditions_on_labels", False) and y_val is not None
+        self.y_val = y_val.to(self.device) if cond else None
         self.loss_fn = make_loss(model, config.objective, config.num_particles)
         fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(model.parameters(), lr=config.lr, **fused)
@@ -256,7 +260,7 @@ class Trainer:
         with evaluation_mode(self.model):
             if self.is_vae:
                 m = self.model
-                return float(elbo(m.model, m.guide, self.x_val, batch_size=1024).mean())
+                return float(elbo(m.model, m.guide, self.x_val, batch_size=1024, y=self.y_val).mean())
             losses = [float(self.model.loss(xb)) * len(xb) for xb in self.x_val.split(1024)]
             return sum(losses) / len(self.x_val)
 

@@ -283,6 +283,7 @@ def _fit_locked(
         callbacks=[writer, *callbacks],
         progress=progress,
         y_train=data.y_train,
+        y_val=data.y_val,
     )
     try:
         if state is not None:

@@ -184,3 +184,19 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
     assert d["structured"] and d["latent_sites"]["z"]["dim"] == 4
     assert "not run for structured models" in d["not_applicable"]
     assert main(["diagnose", str(run), "--report", str(tmp_path / "r.html"), "-q"]) == 2
+
+
+@pytest.mark.parametrize("name", ["mnist_m2", "digits_m2", "mnist_cvae", "digits_cvae"])
+def test_example_configs_build(name):
+    from pyrovae.build import build_model
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "examples" / "configs" / f"{name}.toml")
+    shape = (1, 28, 28) if name.startswith("mnist") else (1, 8, 8)
+    model = build_model(cfg, shape)
+    assert model.kind == cfg.model.kind
+    x = torch.rand(3, 784 if name.startswith("mnist") else 64).round()
+    y = torch.tensor([1, -1, 2]) if cfg.model.kind == "m2" else torch.tensor([1, 0, 2])
+    kw = {"y": y} if getattr(model, "uses_labels", False) else {}
+    loss = make_elbo(cfg.train.objective).differentiable_loss(model.model, model.guide, x, **kw)
+    assert torch.isfinite(loss)

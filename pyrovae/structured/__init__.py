@@ -74,4 +74,6 @@ def register(kind: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 # The built-in structured models register themselves when their module is imported; each module
 # adds its import line here, e.g. `from pyrovae.structured import m2` (noqa E402, F401).
-from pyrovae.structured import gmvae, hvae, m2  # noqa: E402, F401
+from pyrovae.structured import cvae  # noqa: E402, F401, I001
+from pyrovae.structured import m2  # noqa: E402, F401
+from pyrovae.structured import gmvae, hvae  # noqa: E402, F401
