@@ -13,7 +13,7 @@ result is rewritten after every chunk; `--resume` continues a stopped benchmark 
 two stochastic layers, 3,280 epochs): VAE 85.33, IWAE k=50 82.90 nats (K=5000, all test images).
 
     python benchmarks/structured_hvae.py --minutes 25 --eval-k 1000 --eval-points 1000 --root /path/to/mnist
-    python benchmarks/structured_hvae.py --device cuda --minutes 2 --root /path/to/mnist
+    python benchmarks/structured_hvae.py --device cuda --minutes 1.5 --root /path/to/mnist
 """
 
 from __future__ import annotations
