@@ -104,7 +104,7 @@ class VAE(nn.Module):
         pyro.module(self.pyro_name, self)
         with self._plate(x, n_data):
             prior = self.prior()
-            with _latent_weight(beta):
+            with latent_weight(beta):
                 z = pyro.sample("z", prior)
             raw = self.decoder(z)
             pyro.sample("x", self.likelihood(self._unflatten(raw)), obs=x)
@@ -115,7 +115,7 @@ class VAE(nn.Module):
         pyro.module(self.pyro_name, self)
         with self._plate(x, n_data):
             q = self.posterior(x)
-            with _latent_weight(beta):
+            with latent_weight(beta):
                 return pyro.sample("z", q)
 
     # ---- deterministic helpers (no Pyro effects) ---------------------------------------
@@ -147,7 +147,7 @@ class VAE(nn.Module):
         return self.decode(z) if mean else self.likelihood_dist(z).sample()
 
 
-def _latent_weight(beta: float):
+def latent_weight(beta: float):
     """β on the latent site: `poutine.scale` (β > 0), `poutine.mask(False)` (β = 0)."""
     if beta == 1.0:
         return contextlib.nullcontext()

@@ -48,7 +48,7 @@ from torch.nn.functional import one_hot, softplus
 from pyrovae.errors import ConfigError
 from pyrovae.evaluate import elbo, log_likelihood
 from pyrovae.likelihoods import build_likelihood
-from pyrovae.model import _latent_weight
+from pyrovae.model import latent_weight
 from pyrovae.networks import build_network
 from pyrovae.structured import register
 from pyrovae.structured.m2 import check_mlp, concat
@@ -193,7 +193,7 @@ class CVAE(_Quadrants):
                 prior = dist.Normal(x.new_zeros(k), x.new_ones(k)).to_event(1)
             else:
                 prior = self._normal(self.prior_net(c), k)
-            with _latent_weight(beta):
+            with latent_weight(beta):
                 z = pyro.sample("z", prior)
             raw = self.decoder(concat(z, c))
             if gmask is None:
@@ -205,7 +205,7 @@ class CVAE(_Quadrants):
         """q(z | x, c)."""
         pyro.module(self.pyro_name, self)
         c, _ = self._condition(x, y, given)
-        with self._plate(x, n_data), _latent_weight(beta):
+        with self._plate(x, n_data), latent_weight(beta):
             pyro.sample("z", self._normal(self.encoder(concat(x, c)), self.latent_dim))
 
     def _unflatten(self, raw: torch.Tensor) -> torch.Tensor:

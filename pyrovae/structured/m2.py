@@ -45,7 +45,7 @@ from torch.nn.functional import one_hot, softplus
 
 from pyrovae.errors import ConfigError
 from pyrovae.likelihoods import build_likelihood
-from pyrovae.model import _latent_weight
+from pyrovae.model import latent_weight
 from pyrovae.networks import build_network
 from pyrovae.structured import register
 
@@ -122,7 +122,7 @@ class M2(nn.Module):
         """p(x, y, z) = p(y) p(z) p(x | y, z), plus α log q(y|x) on labelled points."""
         pyro.module(self.pyro_name, self)
         with self._plate(x, n_data):
-            with _latent_weight(beta):
+            with latent_weight(beta):
                 z = pyro.sample(
                     "z",
                     dist.Normal(x.new_zeros(self.latent_dim), x.new_ones(self.latent_dim)).to_event(1),
@@ -150,7 +150,7 @@ class M2(nn.Module):
             )
             h = self.encoder_z(concat(x, self._one_hot(label)))
             loc, scale = h[..., : self.latent_dim], softplus(h[..., self.latent_dim :]) + 1e-5
-            with _latent_weight(beta):
+            with latent_weight(beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ---- deterministic helpers ----------------------------------------------------------

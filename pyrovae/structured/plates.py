@@ -4,17 +4,18 @@ r"""The two program pieces every structured model shares with `pyrovae.VAE`.
   `B` out of `N` points, so Pyro scales every per-datapoint log density by $N/B$ and the loss
   is an unbiased estimate of the full-data negative ELBO (`pyro.plate("data", B)` when `n_data`
   is `None` or `B`).
-* `latent_weight(beta)`: β on the latent sites, `poutine.scale(beta)` (β > 0) or
+* `latent_weight(beta)` (`pyrovae.model`'s): β on the latent sites, `poutine.scale(beta)` (β > 0) or
   `poutine.mask(False)` (β = 0), i.e. $-E_q[\log p(x|z)] + \beta\,\mathrm{KL}$.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pyro
 import torch
-from pyro import poutine
+
+from pyrovae.model import latent_weight
+
+__all__ = ["data_plate", "latent_weight"]
 
 
 def data_plate(x: torch.Tensor, n_data: int | None) -> pyro.plate:
@@ -24,12 +25,3 @@ def data_plate(x: torch.Tensor, n_data: int | None) -> pyro.plate:
         return pyro.plate("data", b, device=x.device)
     idx = torch.arange(b, device=x.device)
     return pyro.plate("data", n_data, subsample=idx, device=x.device)
-
-
-def latent_weight(beta: float):
-    """β on the latent sites inside the block (a no-op for β = 1)."""
-    if beta == 1.0:
-        return contextlib.nullcontext()
-    if beta == 0.0:
-        return poutine.mask(mask=False)
-    return poutine.scale(scale=beta)
