@@ -200,9 +200,12 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
     out = json.loads(p.stdout)
     assert math.isfinite(out["log_likelihood"])
     assert {"kl_z1", "kl_z2", "reconstruction"} <= set(out)
-    # the ELBO's terms add up to the test ELBO (independent one-draw estimates: loosely)
+    # the ELBO's terms add up to the test ELBO. These are two independent one-draw means over
+    # the 64 test points of a barely trained model: the s.e. of their difference is about 1 nat
+    # (seen: 1.1), so 5 nats is about 4.5 s.e.; the exact identity, on shared draws, is
+    # test_elbo_is_reconstruction_minus_layer_kls
     assert out["reconstruction"] - out["kl_z1"] - out["kl_z2"] == pytest.approx(
-        out["test_elbo"], abs=1.0
+        out["test_elbo"], abs=5.0
     )
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
