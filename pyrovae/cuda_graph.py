@@ -22,16 +22,17 @@ the step again; β warm-up steps, each epoch's validated first step and the last
 of an epoch run eagerly, on the same parameters and optimizer state.
 
 Pyro's own ELBO classes read values on the host, which a capture forbids: `Trace_ELBO` takes
-`torch_item` of every site's log-density sum (the reported loss is a float plus the
-surrogate's deviation from its own float) and `warn_if_nan` reads a boolean. During the capture
-only (`capturable_pyro`), the module-level names `torch_item` and `warn_if_nan` of
-`pyro.infer.trace_elbo` and `pyro.infer.trace_mean_field_elbo` are the identity, so the same
-Pyro code keeps those values as tensors. The loss value is the same; its gradient is that of
-the ELBO estimate itself, which for reparameterized latent sites is exactly the surrogate's
-gradient Pyro uses — so the graph requires every latent site of the guide to be
-reparameterized (`has_rsample`, checked before the capture; all of pyrovae's guides are). NaNs
-are still caught, by the trainer's read of the loss every `sync_every` steps, which rolls the
-epoch back as without graphs. The `iwae` objective needs no such change.
+`torch_item` of every site's log-density sum and `warn_if_nan` reads a boolean. The graph
+therefore records the same estimator in a form with no host reads,
+`pyrovae.objectives.CapturableELBO` (the same Pyro program through the same public handlers,
+every value kept a tensor; value and gradient equal to `Trace_ELBO`'s / `TraceMeanField_ELBO`'s
+on the same draws for reparameterized guides, which the graph requires: `has_rsample` is
+checked before the capture; all of pyrovae's guides are). The `iwae` objective's `IWAE_ELBO`
+has no host reads as it is. Pyro's validation is off during the capture
+(`pyro.validation_enabled(False)`: its checks read values). `HostReads` lists the host reads a
+step makes — on a CPU too, so the graph's requirement is tested without a GPU. NaNs are still
+caught, by the trainer's read of the loss every `sync_every` steps, which rolls the epoch back
+as without graphs.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pyrovae.errors import ConfigError
+from pyrovae.objectives import make_loss
 
 if TYPE_CHECKING:
     from pyrovae.train import Trainer
@@ -76,26 +79,43 @@ def check_config(config, device: torch.device, world: Any = None) -> None:
         )
 
 
-def _identity(value, *args, **kwargs):
-    return value
+#: tensor methods and functions that read a value on the host (a device-to-host copy and a
+#: synchronisation on a GPU; an error inside a CUDA graph capture)
+HOST_READS = frozenset({
+    "item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+    "__complex__", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
+})
+
+
+class HostReads(TorchFunctionMode):
+    """Records the host reads made inside it (`HOST_READS`, and indexing with a boolean
+    tensor, whose result size is data-dependent) as `(name, repr of the caller)` in `reads`.
+
+    On a CPU nothing synchronises, but the same Python runs: a step that makes no host read
+    here makes none on a GPU either, so `with HostReads() as h: step()` then `h.reads == []`
+    checks what a CUDA graph capture needs without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        bool_index = name in ("__getitem__", "__setitem__") and any(
+            torch.is_tensor(a) and a.dtype == torch.bool
+            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        )
+        if name in HOST_READS or bool_index:
+            self.reads.append(name)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def capturable_pyro() -> Iterator[None]:
-    """Pyro with no host reads (see the module docs): validation off; `torch_item` and
-    `warn_if_nan` of the two ELBO modules the identity, restored on exit."""
-    import pyro.infer.trace_elbo as te
-    import pyro.infer.trace_mean_field_elbo as tmf
-
-    saved = [(m, name, getattr(m, name)) for m in (te, tmf) for name in ("torch_item", "warn_if_nan")]
-    try:
-        for m, name, _ in saved:
-            setattr(m, name, _identity)
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        for m, name, f in saved:
-            setattr(m, name, f)
+    """Pyro with its validation checks (which read values on the host) off."""
+    with pyro.validation_enabled(False):
+        yield
 
 
 def check_reparameterized(model, x: torch.Tensor) -> None:
@@ -131,6 +151,8 @@ class GraphedStep:
         self.loss: torch.Tensor | None = None
         self.captures = 0
         self.checked = False
+        cfg = trainer.config  # the same estimator as trainer.loss_fn, with no host reads
+        self.loss_fn = make_loss(trainer.model, cfg.objective, cfg.num_particles, capturable=True)
 
     def invalidate(self) -> None:
         """Forget the recording (after the optimizer's state tensors were replaced)."""
@@ -138,7 +160,7 @@ class GraphedStep:
 
     def _loss(self, x: torch.Tensor) -> torch.Tensor:
         t = self.trainer
-        return t.loss_fn(x, t.n, t.beta, t.noise_gen)
+        return self.loss_fn(x, t.n, t.beta, t.noise_gen)
 
     def _eager_step(self, x: torch.Tensor) -> None:
         opt = self.trainer.opt

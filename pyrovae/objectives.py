@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import pyro
 import pyro.infer
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import kl_divergence
 
 from pyrovae.evaluate import trace_log_prob, vectorized_traces
 from pyrovae.model import VAE
@@ -92,10 +96,128 @@ class IWAE_ELBO(pyro.infer.ELBO):
         return loss.item()
 
 
-def make_elbo(objective: str = "trace_elbo", num_particles: int = 1) -> pyro.infer.ELBO:
-    """The `pyro.infer` ELBO for `train.objective` with `num_particles` samples (vectorized)."""
+def _site_sum(trace, name: str) -> torch.Tensor:
+    """Site `name`'s log density, scaled and masked as the site says, summed (`Trace.log_prob_sum`)."""
+    return trace.log_prob_sum(lambda n, _site: n == name)
+
+
+class CapturableELBO(pyro.infer.ELBO):
+    r"""`Trace_ELBO` (or, with `mean_field=True`, `TraceMeanField_ELBO`) for fully
+    reparameterized guides, computed from the program's Pyro traces with no read on the host:
+    what a CUDA graph can record (`pyrovae.cuda_graph`).
+
+    Pyro's own classes report the loss as a float plus the surrogate's deviation from its
+    float (`torch_item`) and test it for NaN (`warn_if_nan`): host reads, which a capture
+    forbids. This class runs the same program through the same public handlers — the guide
+    under `poutine.trace`, the model under `poutine.trace(poutine.replay(model, guide_trace))`,
+    the $K$ particles as Pyro's vectorized plate `"num_particles_vectorized"` left of the
+    model's plates, subsample sites pruned — and keeps every value a tensor:
+
+    $$
+    \text{loss} = -\frac1K \sum_{k=1}^K \Big[\log p(x, z_k) - \log q(z_k \mid x)\Big]
+    \quad\text{or, mean field,}\quad
+    -\frac1K \sum_k \Big[\log p(x \mid z_k) - \sum_{s} \mathrm{KL}\big(q_s \,\|\, p_s\big)\Big],
+    $$
+
+    each site's term scaled and masked as the site says (plate subsampling $N/B$, β), the KL
+    analytic where `kl_divergence` is registered and $\log q(z_k) - \log p(z_k)$ otherwise, as
+    `TraceMeanField_ELBO` does. For reparameterized latent sites the gradient of this value is
+    exactly the gradient of Pyro's surrogate loss (the score-function term is zero), so value
+    and gradient equal `Trace_ELBO`'s / `TraceMeanField_ELBO`'s on the same draws (tested).
+    A latent site without `rsample` is a `ValueError` naming it. NaNs are not reported here:
+    the trainer reads the loss every `train.sync_every` steps and rolls back.
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING,
+                 mean_field: bool = False) -> None:
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=num_particles > 1,
+        )
+        self.mean_field = mean_field
+
+    def _vectorize(self, fn: Callable) -> Callable:
+        if self.num_particles == 1:
+            return fn
+
+        def wrapped(*args, **kwargs):
+            with pyro.plate("num_particles_vectorized", self.num_particles,
+                            dim=-(self.max_plate_nesting + 1)):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """`(model_trace, guide_trace)` of one draw, subsample sites pruned (the hook
+        `pyro.infer.ELBO` asks its subclasses for)."""
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        model_trace, guide_trace = self._get_trace(
+            self._vectorize(model), self._vectorize(guide), args, kwargs
+        )
+        elbo: torch.Tensor | float = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                elbo = elbo + _site_sum(model_trace, name)
+                continue
+            if name not in guide_trace.nodes:
+                raise ValueError(
+                    f"CapturableELBO: the model's latent site {name!r} has no site in the guide"
+                )
+            g = guide_trace.nodes[name]
+            if not getattr(g["fn"], "has_rsample", False):
+                raise ValueError(
+                    f"CapturableELBO: the guide's site {name!r} ({type(g['fn']).__name__}) is "
+                    "not reparameterized; expected every latent site to have rsample"
+                )
+            kl = None
+            if self.mean_field:
+                try:
+                    kl = kl_divergence(g["fn"], site["fn"])
+                except NotImplementedError:
+                    pass
+            if kl is not None:
+                elbo = elbo - scale_and_mask(kl, g["scale"], g["mask"]).sum()
+            else:
+                elbo = (elbo + _site_sum(model_trace, name)
+                        - _site_sum(guide_trace, name))
+        for name, g in guide_trace.nodes.items():  # guide-only (auxiliary) sites: - log q
+            if g["type"] == "sample" and not g["is_observed"] and name not in model_trace.nodes:
+                elbo = elbo - _site_sum(guide_trace, name)
+        return -elbo / self.num_particles
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """As `pyro.infer.SVI` calls it: backward into the parameters, return the loss."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+def make_elbo(
+    objective: str = "trace_elbo", num_particles: int = 1, capturable: bool = False
+) -> pyro.infer.ELBO:
+    """The `pyro.infer` ELBO for `train.objective` with `num_particles` samples (vectorized).
+    `capturable=True`: the same estimator with no host reads (`CapturableELBO` for
+    `trace_elbo` / `mean_field`; `IWAE_ELBO` has none), for a CUDA graph."""
     if objective == "iwae":
         return IWAE_ELBO(num_particles, MAX_PLATE_NESTING)
+    if capturable:
+        if objective not in ("trace_elbo", "mean_field"):
+            raise ValueError(
+                f"objective {objective!r} has no capturable form: expected trace_elbo, "
+                "mean_field or iwae"
+            )
+        return CapturableELBO(num_particles, MAX_PLATE_NESTING, mean_field=objective == "mean_field")
     classes = {
         "trace_elbo": pyro.infer.Trace_ELBO,
         "mean_field": pyro.infer.TraceMeanField_ELBO,
@@ -162,7 +284,9 @@ def programs(model: torch.nn.Module) -> tuple[Callable, Callable]:
 Loss = Callable[..., torch.Tensor]
 
 
-def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) -> Loss:
+def make_loss(
+    model: torch.nn.Module, objective: str, num_particles: int = 1, capturable: bool = False
+) -> Loss:
     r"""The training loss per datapoint for `model`, as the trainer calls it.
 
     A VAE (anything with Pyro `model`/`guide` methods, see `programs`): the chosen ELBO's
@@ -170,11 +294,12 @@ def make_loss(model: torch.nn.Module, objective: str, num_particles: int = 1) ->
     nats per datapoint. A structured model with `uses_labels = True`
     (`pyrovae.structured`) gets the batch's labels too, `loss(x, N, beta, gen, y)` calling
     `differentiable_loss(model, guide, x, n_data=N, beta=beta, y=y)`: still the one ELBO. The autoencoder baseline (no Pyro program): its own
-    reconstruction loss `model.loss(x, generator)`.
+    reconstruction loss `model.loss(x, generator)`. `capturable=True`: the same estimator
+    with no host reads (`make_elbo`), what `train.cuda_graph` records.
     """
     if not hasattr(model, "guide"):
         return lambda x, n_data, beta, gen, y=None: model.loss(x, gen)
-    elbo = make_elbo(objective, num_particles)
+    elbo = make_elbo(objective, num_particles, capturable)
     model_fn, guide_fn = programs(model)
     if getattr(model, "uses_labels", False):  # a structured model: the batch's labels as `y`
 
