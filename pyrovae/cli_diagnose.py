@@ -177,9 +177,17 @@ def run_diagnose(args: argparse.Namespace) -> int:
             f"--report: the HTML report covers 'vae' runs; {args.run_dir} is a "
             f"{run.config.model.kind!r} model: use the text or --json output"
         )
-    if hasattr(run.model, "guide") and not structured and log.isEnabledFor(20):
+    from pyrovae import distributed
+
+    world = distributed.init("gloo", "cpu")  # under torchrun: k-hat and IWAE sharded over ranks
+    if hasattr(run.model, "guide") and not structured and log.isEnabledFor(20) and world is None:
         log.info("%s", plan(run, options))
-    diag = diagnose_run(run, options)
+    try:
+        diag = diagnose_run(run, options)
+    finally:
+        distributed.shutdown()
+    if distributed.launched_rank() != 0:  # rank 0 prints and writes the report
+        return 0
     if args.report:
         from pyrovae.report import write_report
 

@@ -177,8 +177,16 @@ def psis_khat(model, guide, x: torch.Tensor, num_samples: int = 1000) -> torch.T
     importance sampling estimate of $\log p(x)$ (and so `log_likelihood`)
     is unreliable — q(z|x) misses mass of p(z|x), typically because it is too narrow
     (Vehtari et al. 2024; Yao et al. 2018 for variational inference).
+
+    Under `torch.distributed` (`torchrun ... pyrovae diagnose`) each rank computes the
+    weights and $\hat k$ of its shard of the datapoints (`pyrovae.distributed.per_point`) and
+    every rank gets all $N$ values, in order.
     """
-    return khat_from_log_weights(log_weights_chunked(model, guide, x, num_samples))
+    from pyrovae import distributed
+
+    return distributed.per_point(
+        lambda xs: khat_from_log_weights(log_weights_chunked(model, guide, xs, num_samples)), x
+    )
 
 
 def khat_summary(khat: torch.Tensor) -> dict[str, float | int]:
@@ -905,15 +913,23 @@ def diagnose_run(run: Run, options: DiagnoseOptions | None = None, **overrides: 
     `options` (or keyword overrides of `DiagnoseOptions`) set the sizes. The IWAE
     log-likelihood and the ELBO use the whole test split; decomposition, k-hat and I(x;z) at
     most `max_points` datapoints; NUTS `points`; the amortization gap `gap_points`.
+
+    In a `torch.distributed` job (e.g. `torchrun --nproc-per-node 4 -m pyrovae diagnose RUN`)
+    the per-datapoint estimates — k-hat, the IWAE log-likelihood, the ELBO — are sharded over
+    the ranks and gathered; the decomposition, NUTS, the amortization gap (and the report) run
+    on rank 0, and the other ranks return the gathered estimates only.
     """
     from dataclasses import replace
 
     o = replace(options or DiagnoseOptions(), **overrides)
     if run.data is None:
         raise DiagnosticsError("diagnose_run needs the run's data: load_run(dir, data=True)")
+    from pyrovae import distributed
+
     device = next(run.model.parameters()).device
     x_all = run.data.x_test.to(device)
-    pyro.set_rng_seed(o.seed)
+    r = distributed.rank()  # under torchrun: each rank its own, reproducible noise
+    pyro.set_rng_seed(o.seed if r == 0 else distributed.step_seed(o.seed, -1, 1, r) % 2**32)
     if not hasattr(run.model, "guide"):  # the autoencoder baseline
         return _diagnose_ae(run, x_all)
     from pyrovae.structured import STRUCTURED
@@ -1013,10 +1029,17 @@ class _Clock:
         log.info("%s: done in %.1f s", name.replace("_", " "), self.laps[name])
 
 
-def _estimates(vae, x_all: torch.Tensor, x: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
+def _estimates(vae, x_all: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
+    """IWAE log-likelihood and ELBO (sharded over the ranks under `torch.distributed`)."""
+    from pyrovae.distributed import per_point
+
     xi = _subset(x_all, o.iwae_points, o.seed + 3)
-    ll_mean, ll_se = mean_and_se(log_likelihood(vae.model, vae.guide, xi, o.iwae_samples))
-    el_mean, el_se = mean_and_se(elbo(vae.model, vae.guide, xi, 1, batch_size=1024))
+    ll_mean, ll_se = mean_and_se(
+        per_point(lambda xs: log_likelihood(vae.model, vae.guide, xs, o.iwae_samples), xi)
+    )
+    el_mean, el_se = mean_and_se(
+        per_point(lambda xs: elbo(vae.model, vae.guide, xs, 1, batch_size=1024), xi)
+    )
     return {
         "elbo": {"mean": el_mean, "se": el_se, "particles": 1, "points": int(xi.shape[0])},
         "log_likelihood": {
@@ -1059,12 +1082,20 @@ def _nuts_section(vae, x_all: torch.Tensor, o: DiagnoseOptions) -> tuple[dict[st
 
 
 def _diagnose_vae(run: Run, vae, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnosis:
+    from pyrovae.distributed import rank
+
     clock = _Clock()
     x = _subset(x_all, o.max_points, o.seed)
-    dec = elbo_decomposition(vae.model, vae.guide, x, max_mi_points=o.max_points, seed=o.seed)
-    clock.lap("decomposition")
+    # the per-datapoint estimates first: sharded over the ranks under torch.distributed
     khat = psis_khat(vae.model, vae.guide, x, o.khat_samples)
     clock.lap("psis")
+    estimates = _estimates(vae, x_all, o)
+    clock.lap("log_likelihood")
+    sharded = {"psis": {"samples": o.khat_samples, **khat_summary(khat)}, **estimates}
+    if rank() != 0:  # the rest runs on rank 0
+        return Diagnosis(results=sharded, khat=khat)
+    dec = elbo_decomposition(vae.model, vae.guide, x, max_mi_points=o.max_points, seed=o.seed)
+    clock.lap("decomposition")
     res: dict[str, Any] = {
         "kind": "vae",
         "run": str(run.dir),
@@ -1078,10 +1109,9 @@ def _diagnose_vae(run: Run, vae, x_all: torch.Tensor, o: DiagnoseOptions) -> Dia
     else:
         res["model"] = {"kind": run.config.model.kind}
     res["model"]["latent_dim"] = dec.latent_dim
-    res.update(_estimates(vae, x_all, x, o))
-    clock.lap("log_likelihood")
+    res.update(estimates)
     res["decomposition"] = dec.to_dict()
-    res["psis"] = {"samples": o.khat_samples, **khat_summary(khat)}
+    res["psis"] = sharded["psis"]
     idata = gap = None
     if o.points > 0:
         res["nuts"], idata = _nuts_section(vae, x_all, o)

@@ -72,6 +72,7 @@ __all__ = [
     "launched",
     "launched_rank",
     "per_point",
+    "rank",
     "shutdown",
     "step_seed",
     "steps_per_epoch",
@@ -340,7 +341,9 @@ def per_point(fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor:
 
     Rank $r$ evaluates rows $[r\\lceil n/W \\rceil, (r+1)\\lceil n/W \\rceil)$; the shards are
     padded to one size for `all_gather` and the padding is cut off again, so each datapoint
-    appears exactly once, in order. Without a world (or with one rank): `fn(x)`.
+    appears exactly once, in order, on every rank (as float64: a rank with an empty shard
+    cannot know `fn`'s dtype). Without a world (or with one rank): `fn(x)`. Pass an index
+    tensor `torch.arange(n)` to shard several per-point arrays at once (`fn(idx)`).
     """
     world = current()
     if world is None or world.size == 1:
@@ -350,13 +353,18 @@ def per_point(fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor:
     counts = [max(0, min(n, (r + 1) * per) - r * per) for r in range(world.size)]
     lo = min(world.rank * per, n)
     mine = fn(x[lo : lo + counts[world.rank]]) if counts[world.rank] else None
-    dtype = torch.float32 if mine is None else mine.dtype
-    local = torch.zeros(per, dtype=dtype, device=world.device)
+    local = torch.zeros(per, dtype=torch.float64, device=world.device)
     if mine is not None:
-        local[: len(mine)] = mine.to(world.device)
+        local[: len(mine)] = mine.to(world.device, torch.float64)
     parts = [torch.empty_like(local) for _ in range(world.size)]
     dist.all_gather(parts, local)
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
+
+
+def rank() -> int:
+    """This process's rank in the job (0 without one)."""
+    world = current()
+    return 0 if world is None else world.rank
 
 
 # ----------------------------------------------------------------------------- launching

@@ -34,6 +34,7 @@ from pyrovae.diagnostics import (
     khat_from_log_weights,
     khat_summary,
 )
+from pyrovae.distributed import per_point, rank
 from pyrovae.evaluate import (
     elbo,
     enumerated_sites,
@@ -99,21 +100,39 @@ def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnos
     pyro.set_rng_seed(o.seed)
     xi_idx = _subset(idx, o.iwae_points, o.seed + 3).to(device)
     xi, yi = x_all[xi_idx], (None if y_all is None else y_all[xi_idx])
-    kw_i = _labels(model, yi)
-    ll = log_likelihood(model.model, model.guide, xi, o.iwae_samples, y=kw_i.get("y"))
-    el = elbo(model.model, model.guide, xi, 1, batch_size=1024, y=kw_i.get("y"))
+
+    def labelled(fn, xs: torch.Tensor, ys: torch.Tensor | None):
+        """`fn(x, kw)` per datapoint, sharded over the ranks under `torch.distributed`."""
+        return per_point(
+            lambda i: fn(xs[i], _labels(model, None if ys is None else ys[i])),
+            torch.arange(xs.shape[0], device=xs.device),
+        )
+
+    ll = labelled(
+        lambda xb, kw: log_likelihood(model.model, model.guide, xb, o.iwae_samples, y=kw.get("y")),
+        xi, yi,
+    )
+    el = labelled(
+        lambda xb, kw: elbo(model.model, model.guide, xb, 1, batch_size=1024, y=kw.get("y")),
+        xi, yi,
+    )
     (ll_mean, ll_se), (el_mean, el_se) = mean_and_se(ll), mean_and_se(el)
     kw = _labels(model, y)
     sites = enumerated_sites(model.model, model.guide, x[:1], **_labels(model, None if y is None else y[:1]))
-    lw = []
-    with torch.no_grad():
-        for xb, yb in zip(x.split(64), (y.split(64) if "y" in kw else [None] * len(x.split(64))), strict=True):
-            lw.append(
-                log_weights_summed(
-                    model.model, model.guide, xb, o.khat_samples, sites, **_labels(model, yb)
-                )
-            )
-    khat = khat_from_log_weights(torch.cat(lw, 1))
+
+    def khat_of(xs: torch.Tensor, kw_s: dict) -> torch.Tensor:
+        ys = kw_s.get("y")
+        lw = []
+        with torch.no_grad():
+            for j in range(0, xs.shape[0], 64):
+                yb = None if ys is None else ys[j : j + 64]
+                lw.append(log_weights_summed(
+                    model.model, model.guide, xs[j : j + 64], o.khat_samples, sites,
+                    **_labels(model, yb),
+                ))
+        return khat_from_log_weights(torch.cat(lw, 1))
+
+    khat = labelled(khat_of, x, y)
     summed = ", ".join(sites) or "none"
     res: dict[str, Any] = {
         "kind": run.config.model.kind,
@@ -134,7 +153,8 @@ def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnos
         "elbo": {"mean": el_mean, "se": el_se, "particles": 1, "points": int(xi.shape[0])},
         "bound_gap": ll_mean - el_mean,
         "psis": {"samples": o.khat_samples, **khat_summary(khat)},
-        "latent_sites": kl_per_dimension(model.model, model.guide, x, **kw),
         "not_applicable": NOT_APPLICABLE,
     }
+    if rank() == 0:  # under torch.distributed: the sharded estimates above on every rank
+        res["latent_sites"] = kl_per_dimension(model.model, model.guide, x, **kw)
     return Diagnosis(results=res, khat=khat)
