@@ -39,7 +39,25 @@ MAX_PLATE_NESTING = 1
 OBJECTIVES = ("trace_elbo", "mean_field", "trace_enum", "iwae")
 
 
-class IWAE_ELBO(pyro.infer.ELBO):
+class DifferentiableELBO(pyro.infer.ELBO):
+    """A `pyro.infer.ELBO` defined by its `differentiable_loss`: `loss` and `loss_and_grads`
+    (what `pyro.infer.SVI` calls) follow from it."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """As `pyro.infer.SVI` calls it: backward into the parameters, return the loss."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
+
+
+class IWAE_ELBO(DifferentiableELBO):
     r"""The importance-weighted bound (IWAE; Burda et al., ICLR 2016) as a `pyro.infer.ELBO`.
 
     Per datapoint $x_b$ of a minibatch of $B$ out of $N$,
@@ -85,23 +103,13 @@ class IWAE_ELBO(pyro.infer.ELBO):
         scale = 1.0 if n_data is None else n_data / b
         return -scale * bound.sum()
 
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """As `pyro.infer.SVI` calls it: backward into the parameters, return the loss."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
-
 
 def _site_sum(trace, name: str) -> torch.Tensor:
     """Site `name`'s log density, scaled and masked as the site says, summed (`Trace.log_prob_sum`)."""
     return trace.log_prob_sum(lambda n, _site: n == name)
 
 
-class CapturableELBO(pyro.infer.ELBO):
+class CapturableELBO(DifferentiableELBO):
     r"""`Trace_ELBO` (or, with `mean_field=True`, `TraceMeanField_ELBO`) for fully
     reparameterized guides, computed from the program's Pyro traces with no read on the host:
     what a CUDA graph can record (`pyrovae.cuda_graph`).
@@ -191,16 +199,6 @@ class CapturableELBO(pyro.infer.ELBO):
             if g["type"] == "sample" and not g["is_observed"] and name not in model_trace.nodes:
                 elbo = elbo - _site_sum(guide_trace, name)
         return -elbo / self.num_particles
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """As `pyro.infer.SVI` calls it: backward into the parameters, return the loss."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
 
 
 def make_elbo(
