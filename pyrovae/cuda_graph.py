@@ -89,7 +89,7 @@ HOST_READS = frozenset({
 
 class HostReads(TorchFunctionMode):
     """Records the host reads made inside it (`HOST_READS`, and indexing with a boolean
-    tensor, whose result size is data-dependent) as `(name, repr of the caller)` in `reads`.
+    tensor, whose result size is data-dependent) by name, in order, in `reads`.
 
     On a CPU nothing synchronises, but the same Python runs: a step that makes no host read
     here makes none on a GPU either, so `with HostReads() as h: step()` then `h.reads == []`
