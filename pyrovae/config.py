@@ -72,6 +72,10 @@ class ModelConfig(_Section):
     #: `cvae` with condition "quadrants": numbers of given quadrants trained on, each point
     #: drawing one of them per step (default [1, 2, 3]; the Pyro CVAE example's tasks)
     given: Optional[list[Literal[1, 2, 3]]] = None  # noqa: UP045
+    #: `cvae` with condition "quadrants": a trained `cvae_baseline` run folder whose network,
+    #: frozen, fills the hidden pixels of the prior net's input with its prediction (Pyro's
+    #: CVAE example); its weights are copied into the new run, which then stands alone
+    baseline_run: Optional[str] = None  # noqa: UP045
     #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
     clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
     #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
@@ -93,6 +97,8 @@ class ModelConfig(_Section):
             raise ValueError('model.given applies to model.condition = "quadrants"')
         if self.given is not None and not self.given:
             raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
+        if self.baseline_run is not None and self.condition != "quadrants":
+            raise ValueError('model.baseline_run applies to model.condition = "quadrants"')
         return self
 
     @model_validator(mode="after")
@@ -156,6 +162,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "alpha": ("m2",),
     "condition": ("cvae", "cvae_baseline"),
     "given": ("cvae", "cvae_baseline"),
+    "baseline_run": ("cvae",),
     "clusters": ("gmvae",),
     "cluster_guide": ("gmvae",),
     "latent_dims": ("hvae",),

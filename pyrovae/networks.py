@@ -155,3 +155,33 @@ def build_network(
         return NETWORKS.build(spec, tuple(in_shape), tuple(out_shape))
     except ConfigError as e:
         raise ConfigError(f"{name}: {e}") from None
+
+
+class Frozen(nn.Module):
+    """A network whose weights are fixed: held as buffers, so they are saved and moved with the
+    model that owns it but no optimizer and no `pyro.module` sees them (for a pre-trained part,
+    e.g. the baseline inside a quadrant CVAE). `forward` is the network's, through
+    `torch.func.functional_call`."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self._net = [net]  # a list, not a submodule: its weights live in the buffers below
+        self._keys: dict[str, str] = {}
+        for name, t in [*net.named_parameters(), *net.named_buffers()]:
+            key = name.replace(".", "_")
+            self.register_buffer(key, t.detach().clone())
+            self._keys[name] = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = {name: getattr(self, key) for name, key in self._keys.items()}
+        return torch.func.functional_call(self._net[0], weights, (x,))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights under the network's own names (as its `state_dict`)."""
+        return {name: getattr(self, key) for name, key in self._keys.items()}
+
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `state_dict` of the network (same names and shapes) into the buffers."""
+        for name, key in self._keys.items():
+            getattr(self, key).copy_(state[name])

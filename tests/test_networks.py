@@ -68,3 +68,24 @@ def test_vae_with_conv_on_vector_data_names_the_encoder():
     cfg = load_config({"model": {"decoder": {"kind": "conv"}}})
     with pytest.raises(ConfigError, match=r'^model\.decoder: kind = "conv" needs image data'):
         VAE(cfg.model, (4,))
+
+
+def test_frozen_network_is_the_network_with_its_weights_as_buffers():
+    from torch import nn
+
+    from pyrovae.networks import Frozen
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Softplus(), nn.Linear(7, 3))
+    frozen = Frozen(net)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(frozen(x), net(x))
+    assert list(frozen.parameters()) == [] and set(frozen.state_dict()) == {
+        "0_weight", "0_bias", "2_weight", "2_bias"}
+    other = nn.Sequential(nn.Linear(5, 7), nn.Softplus(), nn.Linear(7, 3))
+    frozen.load_weights(other.state_dict())
+    torch.testing.assert_close(frozen(x), other(x))
+    copy = Frozen(nn.Sequential(nn.Linear(5, 7), nn.Softplus(), nn.Linear(7, 3)))
+    copy.load_state_dict(frozen.state_dict())  # saved and restored as the owner's buffers
+    torch.testing.assert_close(copy(x), other(x))
+    assert frozen.double()(x.double()).dtype == torch.float64  # moves with its owner

@@ -160,3 +160,71 @@ def test_training_loss_is_the_negative_conditional_log_likelihood_per_point():
     lp = torch.distributions.ContinuousBernoulli(logits=raw).log_prob(x)
     exact = -(lp * (~gmask)).sum(-1).mean()
     assert torch.allclose(loss, exact, rtol=1e-5)
+
+
+def test_baseline_run_feeds_the_prior_is_frozen_and_the_run_stands_alone(tmp_path, capsys):
+    """`model.baseline_run` (Pyro's CVAE example): the trained baseline's network is copied
+    into the new CVAE run, frozen; the prior net reads the given pixels plus the baseline's
+    prediction in the hidden ones; the CVAE run loads and evaluates after the baseline folder
+    is gone; a resumed run keeps its own copy."""
+    import shutil
+
+    from pyrovae.runs import load_run
+
+    train = {"epochs": 2, "device": "cpu", "batch_size": 128}
+    base_cfg = {"model": {**QUADRANTS["model"], "kind": "cvae_baseline"}, "train": train}
+    (tmp_path / "b.toml").write_text(tomli_w.dumps(base_cfg))
+    base_dir = tmp_path / "base"
+    assert main(["fit", str(tmp_path / "b.toml"), "--out", str(base_dir), "-q"]) == 0
+    base = load_run(base_dir)
+    raw = {"model": {**QUADRANTS["model"], "baseline_run": str(base_dir)}, "train": train}
+    (tmp_path / "c.toml").write_text(tomli_w.dumps(raw))
+    run_dir = tmp_path / "cvae"
+    assert main(["fit", str(tmp_path / "c.toml"), "--out", str(run_dir), "-q"]) == 0
+    shutil.rmtree(base_dir)
+    run = load_run(run_dir, data=True)
+    cvae, want = run.model, base.model.net.state_dict()
+    assert cvae.baseline.weights().keys() == want.keys()
+    for k, v in cvae.baseline.weights().items():  # copied, and unchanged by training
+        assert torch.equal(v, want[k]), k
+    assert not any(n.startswith("baseline") for n, _ in cvae.named_parameters())
+    x = run.data.x_test[:8]
+    c, gmask = cvae._condition(x, None, 1)
+    seen = cvae.prior_input(c, gmask)
+    guess = base.model.complete(x, 1)  # the baseline's E[x_missing | x_given], given copied
+    torch.testing.assert_close(seen, guess)
+    assert not torch.equal(seen, c)  # not the -1 markers
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir), "--json", "-q"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert set(m["conditional_nll"]) == {"1", "2", "3"}
+    more = tmp_path / "more.toml"
+    more.write_text(tomli_w.dumps({**raw, "train": {**train, "epochs": 3}}))
+    assert main(["fit", str(more), "--out", str(run_dir), "--resume", "-q"]) == 0
+    again = load_run(run_dir).model.baseline.weights()
+    assert all(torch.equal(v, want[k]) for k, v in again.items())
+
+
+def test_baseline_run_bad_input_is_one_line(tmp_path, capsys, digits_run):
+    train = {"epochs": 1, "device": "cpu"}
+    other = {**QUADRANTS["model"], "kind": "cvae_baseline", "encoder": {"kind": "mlp", "hidden": [32]}}
+    (tmp_path / "o.toml").write_text(tomli_w.dumps({"model": other, "train": train}))
+    assert main(["fit", str(tmp_path / "o.toml"), "--out", str(tmp_path / "other"), "-q"]) == 0
+    cases = [
+        (str(tmp_path / "nowhere"), "expected a trained cvae_baseline run folder"),
+        (str(digits_run.dir), "expected a run of model.kind = 'cvae_baseline'; got 'vae'"),
+        (str(tmp_path / "other"), "expected the baseline's model.encoder to equal this model's"),
+    ]
+    for i, (where, says) in enumerate(cases):
+        raw = {"model": {**QUADRANTS["model"], "baseline_run": where}, "train": train}
+        path = tmp_path / f"bad{i}.toml"
+        path.write_text(tomli_w.dumps(raw))
+        capsys.readouterr()
+        assert main(["fit", str(path), "--out", str(tmp_path / f"run{i}"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "model.baseline_run" in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"run{i}").exists()
+    with pytest.raises(ConfigError, match="model.baseline_run applies to model.kind = 'cvae'"):
+        load_config({"model": {"kind": "vae", "baseline_run": "x"}})
+    with pytest.raises(ConfigError, match='baseline_run applies to model.condition = "quadrants"'):
+        load_config({"model": {**LABEL["model"], "baseline_run": "x"}})

@@ -21,7 +21,9 @@ The contract every class registered here follows (the trainer, evaluation and CL
 - `sample(n, **condition)` draws from the generative model, `E[x | ...]` of shape `(n, D)`;
 - optionally `metrics(x, y) -> dict[str, float]`: the model's own evaluation figures on a split
   (test accuracy, cluster accuracy, conditional NLL), merged into `pyrovae evaluate --json`
-  (`y` is the split's labels, or `None` for unlabelled data).
+  (`y` is the split's labels, or `None` for unlabelled data);
+- optionally `before_training()`: called once by `pyrovae.fit` for a new run (not on
+  `--resume`, not by `load_run`), e.g. to copy frozen weights the config points to.
 
 Labels (the seams in `pyrovae.train`, `pyrovae.objectives.make_loss`, `pyrovae.build`):
 

@@ -49,7 +49,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.evaluate import elbo, log_likelihood
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.model import latent_weight
-from pyrovae.networks import build_network
+from pyrovae.networks import Frozen, build_network
 from pyrovae.structured import register
 from pyrovae.structured.m2 import check_mlp, concat
 
@@ -166,6 +166,11 @@ class CVAE(_Quadrants):
             self.prior_net = build_network(model_config.encoder, (d,), (2 * k,), name="model.encoder")
         self.likelihood = build_likelihood(model_config.likelihood, d)
         p = self.likelihood.params_per_feature
+        #: `model.baseline_run`: the baseline's network, frozen (its weights are loaded by
+        #: `before_training` in a new run, and saved with the model)
+        self.baseline: Frozen | None = None
+        if model_config.baseline_run is not None:
+            self.baseline = Frozen(build_network(model_config.encoder, (d,), (p * d,), name="model.encoder"))
         self.encoder = build_network(model_config.encoder, (d + c_dim,), (2 * k,), name="model.encoder")
         self.decoder = build_network(model_config.decoder, (k + c_dim,), (p * d,), name="model.decoder")
         self.pyro_name = f"cvae{next(_ids)}"
@@ -178,6 +183,46 @@ class CVAE(_Quadrants):
             return one_hot(y.long(), self.classes).to(x.dtype), None
         gmask = self.given_mask(x, given)
         return torch.where(gmask, x, torch.full_like(x, HIDDEN)), gmask
+
+    def prior_input(self, c: torch.Tensor, gmask: torch.Tensor) -> torch.Tensor:
+        """What the prior net $p(z \\mid x_g)$ reads: the image with its hidden pixels at -1,
+        or, with `model.baseline_run`, filled with the frozen baseline's prediction
+        $E[x_{\\bar g} \\mid x_g]$ (Pyro's CVAE example: the CVAE starts from the baseline's guess)."""
+        if self.baseline is None:
+            return c
+        with torch.no_grad():
+            guess = self.likelihood.mean(self._unflatten(self.baseline(c)))
+        return torch.where(gmask, c, guess)
+
+    def before_training(self) -> None:
+        """A new run (not a resumed one): copy the network of `model.baseline_run` (a trained
+        `cvae_baseline` run of the same data shape, encoder and likelihood) into `baseline`.
+        A `ConfigError` naming the field otherwise."""
+        if self.baseline is None:
+            return
+        from pyrovae.errors import PyroVAEError
+        from pyrovae.runs import load_run
+
+        where = f"model.baseline_run = {self.config.baseline_run!r}"
+        try:
+            run = load_run(self.config.baseline_run)
+        except PyroVAEError as e:
+            raise ConfigError(f"{where}: expected a trained cvae_baseline run folder: {e}") from None
+        got = run.config.model
+        if got.kind != "cvae_baseline":
+            raise ConfigError(f"{where}: expected a run of model.kind = 'cvae_baseline'; got {got.kind!r}")
+        if tuple(run.model.data_shape) != self.data_shape:
+            raise ConfigError(
+                f"{where}: expected a baseline trained on points of shape {self.data_shape}; "
+                f"got {tuple(run.model.data_shape)}"
+            )
+        for key in ("encoder", "likelihood"):
+            if getattr(got, key) != getattr(self.config, key):
+                raise ConfigError(
+                    f"{where}: expected the baseline's model.{key} to equal this model's "
+                    f"({getattr(self.config, key)!r}); got {getattr(got, key)!r}"
+                )
+        self.baseline.load_weights(run.model.net.state_dict())
 
     @staticmethod
     def _normal(h: torch.Tensor, k: int) -> dist.Distribution:
@@ -192,7 +237,7 @@ class CVAE(_Quadrants):
             if gmask is None:
                 prior = dist.Normal(x.new_zeros(k), x.new_ones(k)).to_event(1)
             else:
-                prior = self._normal(self.prior_net(c), k)
+                prior = self._normal(self.prior_net(self.prior_input(c, gmask)), k)
             with latent_weight(beta):
                 z = pyro.sample("z", prior)
             raw = self.decoder(concat(z, c))
@@ -245,7 +290,7 @@ class CVAE(_Quadrants):
                 f"complete: expected images of shape (N, {self.data_dim}); got {tuple(x.shape)}"
             )
         c, gmask = self._condition(x, None, given)
-        z = self._normal(self.prior_net(c), self.latent_dim).sample()
+        z = self._normal(self.prior_net(self.prior_input(c, gmask)), self.latent_dim).sample()
         mean = self.likelihood.mean(self._unflatten(self.decoder(concat(z, c))))
         return torch.where(gmask, x, mean)
 
