@@ -11,9 +11,11 @@ train / validation / test tensors (and labels where the source has them). Source
 * a folder of `.npy` / uncompressed `.npz` shards (concatenated in file-name order).
 
 Larger than memory: a `.npy` file or a folder of shards is memory-mapped (read-only, random
-access advised to the kernel), never read whole. The value checks and the likelihood's support
-checks stream over it once, in chunks; the splits are the same seeded index sets as for an
-in-memory array; when the training split is large (`data.memory_map`) it stays on disk as a
+access advised to the kernel), never read whole; a folder of images is read lazily
+(`ImageFiles`: the headers are checked when it is opened, the pixels decoded only where it is
+indexed). The value checks and the likelihood's support checks stream over it once, in chunks
+(every image decoded once); the splits are the same seeded index sets as for an in-memory
+array; when the training split is large (`data.memory_map`) it stays on disk as a
 `MappedRows`, from which the trainer gathers each minibatch by index (the validation and test
 splits are read into memory).
 
@@ -42,11 +44,13 @@ from pyrovae.errors import DataError
 __all__ = [
     "DataConfig",
     "Dataset",
+    "ImageFiles",
     "MappedRows",
     "data_changes",
     "fingerprint",
     "labelled_subset",
     "load_data",
+    "open_image_folder",
     "read_idx",
 ]
 
@@ -117,8 +121,9 @@ class DataConfig(BaseModel):
     )
     memory_map: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="keep the training split of a .npy file or a folder of shards on disk and "
-        "gather each minibatch from it: auto = when it exceeds 1 GiB as float32",
+        description="keep the training split of a .npy file, a folder of shards or a folder of "
+        "images on disk and gather (decode) each minibatch from it: auto = when it exceeds "
+        "1 GiB as float32",
     )
     limit: int = Field(
         0,
@@ -144,7 +149,8 @@ _RELEASE_BYTES = 1 << 26  # minibatch bytes gathered between releases of the map
 def release_pages(array) -> None:
     """Drop this process's mapping of the pages of a memory-mapped array (or of every shard)
     that were read so far (`madvise(MADV_DONTNEED)` on a read-only file mapping: the data stay
-    in the OS page cache, but no longer count in the resident set). No-op for other arrays."""
+    in the OS page cache, but no longer count in the resident set). No-op for other arrays
+    (`ImageFiles` keeps nothing: each read decodes into a fresh array)."""
     import mmap
 
     if isinstance(array, _Shards):
@@ -159,7 +165,8 @@ def release_pages(array) -> None:
 
 
 class MappedRows:
-    """Rows `index` of an `(N, ...)` array on disk (a memory-mapped `.npy` file or shards), as a
+    """Rows `index` of an `(N, ...)` array on disk (a memory-mapped `.npy` file or shards, or
+    the `ImageFiles` of a folder), as a
     float32 `(len(index), D)` matrix that is read only where it is indexed.
 
     It has what the trainer and the checks use of a tensor: `shape`, `len`, `dtype`,
@@ -661,10 +668,102 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _load_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a folder of images (flat, or one subfolder per class) into `(N, C, H, W)` uint8."""
+_IMAGE_MODES = {"1": "L", "L": "L", "P": "RGB", "RGB": "RGB"}
+"""PIL mode of an image file -> the mode it is read as (greyscale or 8-bit RGB)."""
+
+
+class ImageFiles:
+    """The images of a folder as one read-only `(N, C, H, W)` uint8 array that decodes only the
+    files it is indexed with (PIL), every time it is indexed: nothing is cached.
+
+    It has what the splits, the streaming checks and `MappedRows` use of an array: `shape`,
+    `dtype`, `ndim`, `size`, `len` and row indexing with a slice, an integer or an integer array
+    (a file asked for twice in one index is decoded once). `files[i]` is row `i`; every image must
+    have the size `(W, H) = (shape[3], shape[2])` and read as `mode` ("L": C = 1, "RGB": C = 3),
+    which `open_image_folder` checked from the headers; a file that fails to decode, or that no
+    longer matches, raises the one-line `DataError` naming it. `decoded` counts the images decoded
+    so far (each file read is one).
+    """
+
+    def __init__(self, files: list[Path], mode: str, size: tuple[int, int]) -> None:
+        self.files, self.mode = list(files), mode
+        channels = 1 if mode == "L" else 3
+        self.shape = (len(self.files), channels, int(size[1]), int(size[0]))
+        self.dtype, self.ndim = np.dtype(np.uint8), 4
+        self.size = math.prod(self.shape)
+        self.decoded = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(self.shape[0]))
+        rows = np.asarray(key, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
+            raise IndexError(f"ImageFiles: rows out of range for {self.shape[0]} images")
+        distinct, where = np.unique(rows % max(self.shape[0], 1), return_inverse=True)
+        images = np.empty((len(distinct), *self.shape[1:]), dtype=np.uint8)
+        for k, i in enumerate(distinct.tolist()):
+            images[k] = self._decode(self.files[i])
+        where = where.reshape(-1)
+        if len(distinct) == len(rows) and bool((where == np.arange(len(rows))).all()):
+            return images  # ascending distinct rows (a slice): already in order
+        return images[where]
+
+    def _decode(self, path: Path) -> np.ndarray:
+        """One image as `(C, H, W)` uint8: the pixels PIL decodes, converted to `mode`."""
+        pixels, mode, size = _read_image(path, decode=True)
+        expected = (self.shape[3], self.shape[2])
+        if size != expected or mode != self.mode:
+            raise DataError(
+                f"{path}: all images must have the same size and mode: expected "
+                f"{expected[0]}x{expected[1]} {self.mode} (as {self.files[0].name}), got "
+                f"{size[0]}x{size[1]} {mode}"
+            )
+        self.decoded += 1
+        assert pixels is not None
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _read_image(path: Path, decode: bool) -> tuple[np.ndarray | None, str, tuple[int, int]]:
+    """`(pixels, mode, (W, H))` of an image file; with `decode=False` only its header is read
+    (`pixels` is None). `DataError` naming the file if it cannot be read or its mode is not
+    greyscale or RGB."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as img:
+            mode = _IMAGE_MODES.get(img.mode)
+            if mode is None:
+                raise DataError(
+                    f"{path}: unsupported image mode {img.mode!r}; expected greyscale (L) or "
+                    f"RGB (8 bits per channel, no alpha)"
+                )
+            if not decode:
+                return None, mode, img.size
+            img.load()
+            if img.mode != mode:
+                img = img.convert(mode)
+            return np.asarray(img, dtype=np.uint8), mode, img.size
+    except DataError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def open_image_folder(folder: str | Path) -> tuple[ImageFiles, np.ndarray | None]:
+    """A folder of images (flat, or one subfolder per class: labels are the sorted subfolder
+    indices) as a lazy `ImageFiles` and its labels (or None).
+
+    Reads only the header of every file (size and mode: one pass, no pixels decoded), so any
+    file PIL cannot identify, of another mode than greyscale / RGB, or of another size or mode
+    than the first is a `DataError` naming it; a file whose pixels fail to decode is found when
+    it is first read (`load_data` decodes every image once, in its streaming check).
+    """
+    folder = Path(folder)
     files = _image_files(folder)
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     labels: list[int] | None = None
@@ -695,42 +794,17 @@ def _load_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 f"of images, found none{hint}"
             )
 
-    normalize = {"1": "L", "L": "L", "P": "RGB", "RGB": "RGB"}
-    out: np.ndarray | None = None
-    ref_size: tuple[int, int] = (0, 0)
-    ref_mode = ""
-    for i, f in enumerate(files):
-        try:
-            with Image.open(f) as img:
-                img.load()
-                mode = normalize.get(img.mode)
-                if mode is None:
-                    raise DataError(
-                        f"{f}: unsupported image mode {img.mode!r}; expected greyscale (L) or "
-                        f"RGB (8 bits per channel, no alpha)"
-                    )
-                if img.mode != mode:
-                    img = img.convert(mode)
-                pixels = np.asarray(img, dtype=np.uint8)
-                size = img.size
-        except DataError:
-            raise
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"{f}: cannot read image ({type(e).__name__}: {e})") from None
-        if out is None:
-            ref_size, ref_mode = size, mode
-            channels = 1 if mode == "L" else 3
-            out = np.empty((len(files), channels, size[1], size[0]), dtype=np.uint8)
-        elif size != ref_size or mode != ref_mode:
+    _, ref_mode, ref_size = _read_image(files[0], decode=False)
+    for f in files[1:]:  # the header pass
+        _, mode, size = _read_image(f, decode=False)
+        if size != ref_size or mode != ref_mode:
             raise DataError(
                 f"{f}: all images must have the same size and mode: expected "
                 f"{ref_size[0]}x{ref_size[1]} {ref_mode} (as {files[0].name}), got "
                 f"{size[0]}x{size[1]} {mode}"
             )
-        out[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    assert out is not None
     y = None if labels is None else np.asarray(labels, dtype=np.int64)
-    return out, y
+    return ImageFiles(files, ref_mode, ref_size), y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,7 +979,7 @@ class _Source:
     scale: float | None  # divide by this to reach [0, 1]; None = use values as they are
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
-    mappable: bool = False  # x is memory-mapped: the training split may stay on disk
+    mappable: bool = False  # x is on disk (mapped or image files): the training split may stay there
 
 
 def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
@@ -921,7 +995,6 @@ def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
         x, y, x_te, y_te = _load_idx_folder(root, name)
         shape = (1, int(x.shape[1]), int(x.shape[2]))
         return _Source(name, name, shape, x, y, 255.0, x_te, y_te)
-    scale: float | None
     if name == "folder":
         shards = sorted(
             p for p in path.iterdir()
@@ -930,15 +1003,16 @@ def _read_source(name: str, path: Path | None, cfg: DataConfig) -> _Source:
         if shards and not _image_files(path):
             x, y = _load_shards(path, shards)
             return _Source(path.name, str(path), _point_shape(x.shape), x, y, None, mappable=True)
-        x, y = _load_image_folder(path)
-        scale = 255.0
+        images, y = open_image_folder(path)
+        return _Source(
+            path.name or str(path), str(path), images.shape[1:], images, y, 255.0, mappable=True
+        )
     else:
         x, y = _load_npy(path) if name == "npy" else _load_npz(path)
-        scale = None
         if x.ndim == 0:
             raise DataError(f"{path}: expected an array of shape (N, ...), got a scalar")
     mappable = name == "npy" and x.size > 0
-    return _Source(path.name or str(path), str(path), _point_shape(x.shape), x, y, scale, mappable=mappable)
+    return _Source(path.name or str(path), str(path), _point_shape(x.shape), x, y, None, mappable=mappable)
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
@@ -966,13 +1040,28 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
         raise DataError(
             f"{src.where}: expected at least one non-empty datapoint, got an array of shape {x.shape}"
         )
-    stats = _scan(x)  # the one streaming pass over the values
+    official_test = src.x_test is not None
+    train_idx, val_idx, test_idx = _split(x.shape[0], cfg, seed, official_test, src.where)
+    big = len(train_idx) * math.prod(src.shape) * 4 > MAP_ABOVE_BYTES
+    mapped = src.mappable and (cfg.memory_map == "always" or (cfg.memory_map == "auto" and big))
+    if cfg.memory_map == "always" and not src.mappable:
+        raise DataError(
+            f"data.memory_map='always' needs a .npy file, a folder of .npy/.npz shards or a "
+            f"folder of images; got data.dataset='{cfg.dataset}'"
+        )
+    if mapped and cfg.binarize == "static":
+        raise DataError(
+            f"data.binarize='static' binarizes the training split once, in memory, but "
+            f"{src.where}'s training split stays on disk (data.memory_map='{cfg.memory_map}'); "
+            "use data.binarize='dynamic' or data.memory_map='never'"
+        )
+    if isinstance(x, ImageFiles) and not mapped:
+        x = x[:]  # in memory: every image decoded once, into one (N, C, H, W) uint8 array
+    stats = _scan(x)  # the one streaming pass over the values (image files: each decoded once)
     _check_values(x, src.where, stats)
     if cfg.binarize != "none" and src.scale is None:
         _check_unit_range(x, src.where, cfg.binarize, stats)
 
-    official_test = src.x_test is not None
-    train_idx, val_idx, test_idx = _split(x.shape[0], cfg, seed, official_test, src.where)
     if src.x_test is not None:
         test_idx = torch.arange(src.x_test.shape[0])
         if cfg.limit > 0:
@@ -982,19 +1071,6 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
     else:
         x_test, y_test = _to_float(x, test_idx, src.scale), _labels(y, test_idx)
 
-    big = len(train_idx) * math.prod(src.shape) * 4 > MAP_ABOVE_BYTES
-    mapped = src.mappable and (cfg.memory_map == "always" or (cfg.memory_map == "auto" and big))
-    if cfg.memory_map == "always" and not src.mappable:
-        raise DataError(
-            f"data.memory_map='always' needs a .npy file or a folder of .npy/.npz shards; got "
-            f"data.dataset='{cfg.dataset}'"
-        )
-    if mapped and cfg.binarize == "static":
-        raise DataError(
-            f"data.binarize='static' binarizes the training split once, in memory, but "
-            f"{src.where}'s training split stays on disk (data.memory_map='{cfg.memory_map}'); "
-            "use data.binarize='dynamic' or data.memory_map='never'"
-        )
     ds = Dataset(
         name=src.name,
         shape=src.shape,
