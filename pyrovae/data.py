@@ -166,8 +166,8 @@ def release_pages(array) -> None:
 
 class MappedRows:
     """Rows `index` of an `(N, ...)` array on disk (a memory-mapped `.npy` file or shards, or
-    the `ImageFiles` of a folder), as a
-    float32 `(len(index), D)` matrix that is read only where it is indexed.
+    the `ImageFiles` of a folder), as a float32 `(len(index), D)` matrix that is read only
+    where it is indexed.
 
     It has what the trainer and the checks use of a tensor: `shape`, `len`, `dtype`,
     `index_select(0, idx)` and `[i:j]` (both return tensors, divided by `scale` when the source
