@@ -13,7 +13,10 @@ child of `memmap_rss.py`):
 
 Reported per run: the peak resident set (`VmHWM` of the child: loading, the checks and
 training together), steps per second after 20 warm-up steps, and the seconds to load and check.
-Validation and test are 1 % each. Every file written is deleted at the end.
+Validation and test are 1 % each. Then, in this process, the median time to gather one
+minibatch of 128 random training rows (`x_train.index_select`), in memory and lazily: the cost
+the lazy path adds to every step, without the noise of whole training steps on a shared
+machine. Every file written is deleted at the end.
 
     python benchmarks/imagefolder_rss.py --dir /path/with/space --root <mnist-root> \\
         --out benchmarks/results/cpu/imagefolder_rss.json
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from memmap_rss import child, summary  # noqa: E402  (the same child process and summary)
 
 
@@ -67,6 +70,33 @@ def write_pngs(folder: Path, root: str | None, images: int, seed: int = 0) -> di
     }
 
 
+def gather_ms(folder: Path, threads: int, batches: int = 300, batch: int = 128) -> dict:
+    """Median milliseconds to gather `batch` random training rows, per `data.memory_map`."""
+    import statistics
+
+    import torch
+
+    from pyrovae.data import DataConfig, load_data
+
+    torch.set_num_threads(threads)
+    out = {}
+    for mode in ("never", "always"):
+        cfg = DataConfig(dataset=str(folder), binarize="dynamic", memory_map=mode,
+                         val_fraction=0.01, test_fraction=0.01)
+        x = load_data(cfg, seed=0).x_train
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(batches):
+            idx = torch.randint(len(x), (batch,), generator=g)
+            t0 = time.perf_counter()
+            x.index_select(0, idx)
+            times.append(time.perf_counter() - t0)
+        out[mode] = {"median_ms": 1e3 * statistics.median(times),
+                     "quartiles_ms": [1e3 * q for q in statistics.quantiles(times, n=4)]}
+        del x
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="folder for the temporary PNGs (~0.3 GB)")
@@ -99,6 +129,8 @@ def main() -> None:
                 runs[mode].append(child(folder, mode, a.steps, a.threads))
                 results[mode] = summary(runs[mode])
                 save()
+        results["gather_128_rows"] = gather_ms(folder, a.threads)
+        save()
     results["files_deleted"] = True
     save()
 
