@@ -11,7 +11,9 @@ in its own try/except (a failure is reported in the JSON under `errors` and the 
 1. `agreement`: two trainers from the same weights, optimizer state, batches and CUDA RNG state,
    one eager and one graphed, `--check-steps` steps; the per-step losses must agree (the
    graph replays the same kernels with the same Philox noise): max |difference| and a verdict
-   against `--tol` (relative).
+   against `--tol` (relative). `step0_same_noise` locates a difference: step 0's loss from the
+   same RNG state by Pyro's eager ELBO, by the recorded estimator (`CapturableELBO`) run
+   eagerly, and by the first replay.
 2. `speed`: ms per step of `eager` (`Trainer.step`, Pyro validation off as on the trainer's
    later steps), `graphed` (the same with `cuda_graph = true`) and `handwritten`
    (`train_speed.Handwritten`, the like-for-like plain PyTorch loop), `--steps` steps per
@@ -110,6 +112,16 @@ def agreement(root, x, n, tol):
     state = {k: v.clone() for k, v in eager.model.state_dict().items()}
     graphed = trainer(root, x, True, state)
     rng = torch.cuda.get_rng_state()
+    # where a difference would come from, on step 0's batch and the same CUDA RNG state, no
+    # update: Pyro's eager ELBO vs the recorded estimator run eagerly (the estimator), and the
+    # latter vs the first replay (the graph's noise)
+    x0 = eager.batch(0)
+    probe = {}
+    with pyro.validation_enabled(False), torch.no_grad():
+        for name, fn in (("pyro_eager", eager.loss_fn), ("capturable_eager", graphed.graph.loss_fn)):
+            torch.cuda.set_rng_state(rng)
+            probe[name] = fn(x0, eager.n, eager.beta, eager.noise_gen).item()
+    torch.cuda.set_rng_state(rng)
     a = torch.stack(steps(eager, 0, n)).double().cpu()
     torch.cuda.set_rng_state(rng)
     b = torch.stack(steps(graphed, 0, n)).double().cpu()
@@ -119,6 +131,7 @@ def agreement(root, x, n, tol):
         "graphed_first_last": [b[0].item(), b[-1].item()],
         "max_abs_diff": (a - b).abs().max().item(), "max_rel_diff": rel, "tolerance": tol,
         "ok": bool(rel <= tol), "captures": graphed.graph.captures,
+        "step0_same_noise": {**probe, "graphed_replay": b[0].item()},
     }
 
 
