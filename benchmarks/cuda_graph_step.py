@@ -115,7 +115,9 @@ def agreement(root, x, n, tol):
     # where a difference would come from, on step 0's batch and the same CUDA RNG state, no
     # update: Pyro's eager ELBO vs the recorded estimator run eagerly (the estimator), and the
     # latter vs the first replay (the graph's noise)
+    gen_state = eager.noise_gen.get_state()  # the probe's binarization must not move the stream
     x0 = eager.batch(0)
+    eager.noise_gen.set_state(gen_state)
     probe = {}
     with pyro.validation_enabled(False), torch.no_grad():
         for name, fn in (("pyro_eager", eager.loss_fn), ("capturable_eager", graphed.graph.loss_fn)):
