@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--baseline-prior", action="store_true",
                    help="the CVAE's prior net reads the baseline's prediction (model.baseline_run)")
     p.add_argument("--separate", action="store_true", help="one baseline and one CVAE per count")
+    p.add_argument("--counts", default="1,2,3",
+                   help="with --separate: the counts to train (the budget is split among them)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     out = Path(a.out or ROOT / "benchmarks" / "results" / ("h200" if a.device == "cuda" else "cpu") / "structured_cvae.json")
@@ -103,7 +105,7 @@ def main() -> None:
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(out)
 
-    counts = [[1], [2], [3]] if a.separate else [[1, 2, 3]]
+    counts = [[int(g)] for g in a.counts.split(",")] if a.separate else [[1, 2, 3]]
     share = {"baseline": a.baseline_share, "cvae": 1 - a.baseline_share}
     res.update(baseline_prior=a.baseline_prior, separate=a.separate)
     for given in counts:
