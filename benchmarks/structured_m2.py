@@ -94,10 +94,12 @@ def git_commit() -> str:
 
 
 def public_args(argv: list[str]) -> list[str]:
-    """The command line with the machine's paths as placeholders (`<mnist-root>`, `<folder>`, `<out.json>`)."""
+    """The command line with the machine's paths as placeholders (`<mnist-root>`, `<folder>`, and
+    `<out.json>` for an absolute `--out`)."""
     out, hide = [], {"--root": "<mnist-root>", "--checkpoint": "<folder>", "--out": "<out.json>"}
     for i, arg in enumerate(argv):
-        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else arg)
+        secret = i and argv[i - 1] in hide and not (argv[i - 1] == "--out" and not Path(arg).is_absolute())
+        out.append(hide[argv[i - 1]] if secret else arg)
     return out
 
 
