@@ -57,7 +57,7 @@ from pyrovae.train import Callback, Trainer  # noqa: E402
 
 class Deadline(Callback):
     """Stops the trainer once `seconds` have passed (counting `spent` seconds of earlier
-    sessions); records validation and test accuracy every epoch and saves the trainer's state
+    runs of the script); records validation and test accuracy every epoch and saves the trainer's state
     to `checkpoint` (if given)."""
 
     def __init__(self, seconds: float, spent: float, splits: dict, rows: list, save, checkpoint=None) -> None:
