@@ -180,6 +180,11 @@ class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
+    #: semi-supervised models (`m2`, with `data.labels`): every minibatch holds this many
+    #: labelled points (drawn cyclically) beside `batch_size - k` unlabelled ones, each group
+    #: scaled to its size so the loss stays unbiased (`pyrovae.train.LabelledBatches`);
+    #: 0 (default): plain random minibatches over all training points
+    labelled_per_batch: int = Field(0, ge=0)
     #: learning-rate schedule, a function of the epoch e = 0, 1, ... only (so resuming and
     #: chunked training see the same rates): lr_e = max(lr_min, lr * lr_decay**e), i.e.
     #: `torch.optim.lr_scheduler.ExponentialLR(gamma=lr_decay)` with a floor. 1.0: constant
@@ -208,6 +213,11 @@ class TrainConfig(_Section):
                 f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}): the schedule only "
                 "lowers the learning rate"
             )
+        if self.labelled_per_batch >= self.batch_size:
+            raise ValueError(
+                f"labelled_per_batch ({self.labelled_per_batch}) must be smaller than batch_size "
+                f"({self.batch_size}): a minibatch holds both labelled and unlabelled points"
+            )
         return self
 
 
@@ -224,6 +234,11 @@ class Config(_Section):
             raise ValueError(
                 'train.objective: model.kind = "m2" trains with "trace_enum" (y summed out) or '
                 f'"trace_elbo" (y sampled, score-function gradient); got {self.train.objective!r}'
+            )
+        if self.train.labelled_per_batch and self.model.kind != "m2":
+            raise ValueError(
+                "train.labelled_per_batch: applies to semi-supervised models (model.kind = "
+                f'"m2", with data.labels); got model.kind = {self.model.kind!r}'
             )
         needs = {"gmvae": ("trace_enum",), "hvae": ("trace_elbo", "trace_enum", "iwae")}
         allowed = needs.get(self.model.kind)

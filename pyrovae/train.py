@@ -28,15 +28,17 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from pyrovae.config import TrainConfig
 from pyrovae.data import bernoulli
 from pyrovae.distributed import World, epoch_indices, steps_per_epoch
-from pyrovae.errors import TrainingError
+from pyrovae.errors import ConfigError, TrainingError
 from pyrovae.objectives import kl_scale, make_loss
 from pyrovae.progress import log
 
@@ -66,6 +68,70 @@ def _builtin(model: torch.nn.Module) -> bool:
     from pyrovae.model import VAE
 
     return isinstance(model, VAE | AutoEncoder)
+
+
+class LabelledBatches:
+    r"""Minibatches of $k$ labelled and $B - k$ unlabelled points (`train.labelled_per_batch`).
+
+    With $N_l$ labelled and $N_u$ unlabelled training points ($N_l \ll N_u$: 100 of 50,000 for
+    semi-supervised MNIST) a plain random minibatch of $B = 200$ holds $B N_l / N \approx 0.4$
+    labelled points, so the classifier term sees a label in few steps. Here every minibatch
+    $s$ of an epoch holds
+
+    * the unlabelled points at positions $s(B-k), \dots$ of the epoch order (the unlabelled
+      points of the trainer's checkpointed permutation, in its order): one epoch is one pass
+      over them, $\lceil N_u / (B-k) \rceil$ steps, the last with $B_u(s) \le B - k$;
+    * the labelled points at positions $sk, \dots, sk + k - 1$ of a cyclic stream: cycle $c$
+      of epoch $e$ is a permutation of the labelled points drawn from a generator seeded by
+      `(train.seed, e, c)` (so a resume redraws the same stream).
+
+    Each group is scaled to its size: a labelled point by $N_l/k$, an unlabelled one by
+    $N_u/B_u(s)$. Every position of either stream is marginally uniform over its group, so the
+    minibatch estimate is unbiased for the full-data objective,
+
+    $$
+    E_s\Big[\frac{N_l}{k}\sum_{b \in \text{lab}(s)} \ell_b + \frac{N_u}{B_u(s)}
+    \sum_{b \in \text{unl}(s)} \ell_b\Big] = \sum_{n \le N_l} \ell_n + \sum_{n \le N_u} \ell_n ,
+    $$
+
+    as the plain schedule's $\frac{N}{B}\sum_b \ell_b$ is; only its variance changes. The
+    weights reach the model as `poutine.scale(scale=w_b B / N)` around the loss: the model's
+    data plate already scales every site by $N/B$, and every site of a semi-supervised model is
+    per-datapoint (in that plate).
+    """
+
+    def __init__(self, y_train: torch.Tensor, batch_size: int, k: int, seed: int) -> None:
+        labelled = y_train >= 0
+        self.is_labelled, self.labelled = labelled, labelled.nonzero().flatten()
+        self.n_l, self.n = int(labelled.sum()), int(y_train.numel())
+        self.n_u, self.k, self.b_u, self.seed = self.n - self.n_l, k, batch_size - k, seed
+        if self.n_l == 0 or self.n_u == 0:
+            raise ConfigError(
+                f"train.labelled_per_batch = {k}: expected training labels with both labelled and "
+                f"unlabelled (-1) points; got {self.n_l} labelled of {self.n} (set data.labels)"
+            )
+
+    def steps(self) -> int:
+        """Steps per epoch: $\\lceil N_u / (B - k) \\rceil$."""
+        return math.ceil(self.n_u / self.b_u)
+
+    def _cycle(self, epoch: int, c: int) -> torch.Tensor:
+        key = np.random.SeedSequence([self.seed, epoch, c, 0x1AB]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+        return self.labelled[torch.randperm(self.n_l, generator=gen).to(self.labelled.device)]
+
+    def indices(self, perm: torch.Tensor, epoch: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(idx, scale)` of minibatch `s`: its training indices (labelled first) and the
+        per-point factor $w_b B_s / N$ that turns the model's $N/B_s$ into $w_b$."""
+        unl = perm[~self.is_labelled[perm]][s * self.b_u : (s + 1) * self.b_u]
+        pos = torch.arange(s * self.k, (s + 1) * self.k)
+        first, last = int(pos[0]) // self.n_l, int(pos[-1]) // self.n_l
+        stream = torch.cat([self._cycle(epoch, c) for c in range(first, last + 1)])
+        lab = stream[(pos - first * self.n_l).to(stream.device)]
+        idx = torch.cat([lab, unl])
+        w_l = torch.full((self.k,), self.n_l / self.k)
+        w = torch.cat([w_l, torch.full((len(unl),), self.n_u / max(len(unl), 1))])
+        return idx, (w * len(idx) / self.n).to(perm.device)
 
 
 class NonFiniteLoss(Exception):
@@ -115,6 +181,22 @@ class Trainer:
         #: validation labels, for a model whose ELBO is conditional on them (a label CVAE)
         cond = getattr(model, "conditions_on_labels", False) and y_val is not None
         self.y_val = y_val.to(self.device) if cond else None
+        #: `train.labelled_per_batch`: minibatches of k labelled + B - k unlabelled points
+        self.schedule = None
+        if config.labelled_per_batch:
+            if self.y_train is None or not getattr(model, "partial_labels", False):
+                raise ConfigError(
+                    f"train.labelled_per_batch = {config.labelled_per_batch}: expected a "
+                    "semi-supervised model (partial_labels) trained with labels y_train"
+                )
+            if world is not None and world.size > 1:
+                raise ConfigError(
+                    f"train.labelled_per_batch = {config.labelled_per_batch}: expected one "
+                    f"process; got {world.size} (set it to 0 to train data-parallel)"
+                )
+            self.schedule = LabelledBatches(
+                self.y_train, config.batch_size, config.labelled_per_batch, config.seed
+            )
         self.loss_fn = make_loss(model, config.objective, config.num_particles)
         self.world, self.rank, self.world_size = world, 0, 1
         if world is not None:  # the loss under DDP's gradient averaging (one module per rank)
@@ -220,29 +302,48 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
         """Global steps per epoch: $\\lceil N/B \\rceil$ in one process (see
-        `pyrovae.distributed.steps_per_epoch` for several)."""
+        `pyrovae.distributed.steps_per_epoch` for several); with `train.labelled_per_batch`
+        one pass over the unlabelled points (`LabelledBatches.steps`)."""
+        if self.schedule is not None:
+            return self.schedule.steps()
         return steps_per_epoch(self.n, self.config.batch_size, self.world_size)
 
     def batch(self, s: int) -> torch.Tensor:
         """This rank's share of minibatch `s` of the current epoch order (binarized afresh when
         dynamic); the whole minibatch in one process."""
-        idx = epoch_indices(self.perm, s, self.config.batch_size, self.rank, self.world_size)
-        x = self.x_train.index_select(0, idx)
+        x = self.x_train.index_select(0, self.batch_indices(s))
         return bernoulli(x, self.noise_gen) if self.dynamic else x
 
     def batch_labels(self, s: int) -> torch.Tensor | None:
         """This rank's labels of minibatch `s` (None unless the model uses labels)."""
         if self.y_train is None:
             return None
-        idx = epoch_indices(self.perm, s, self.config.batch_size, self.rank, self.world_size)
-        return self.y_train.index_select(0, idx)
+        return self.y_train.index_select(0, self.batch_indices(s))
+
+    def batch_indices(self, s: int) -> torch.Tensor:
+        """Training indices of this rank's share of minibatch `s` of the current epoch order
+        (labelled points first under `train.labelled_per_batch`)."""
+        if self.schedule is not None:
+            return self.schedule.indices(self.perm, self.epoch, s)[0]
+        return epoch_indices(self.perm, s, self.config.batch_size, self.rank, self.world_size)
+
+    def batch_scale(self, s: int) -> torch.Tensor | None:
+        """Per-point loss factors of minibatch `s` under `train.labelled_per_batch`
+        (`LabelledBatches.indices`); None for plain minibatches."""
+        if self.schedule is None:
+            return None
+        return self.schedule.indices(self.perm, self.epoch, s)[1]
 
     def step(
-        self, x: torch.Tensor, check: bool = True, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        check: bool = True,
+        y: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One optimizer step on `x` (labels `y` for a model with `uses_labels`); returns the
-        detached loss per datapoint. With `check` a non-finite loss (read on the host) skips
-        the update."""
+        """One optimizer step on `x` (labels `y` for a model with `uses_labels`; per-point
+        factors `scale` on every site, `batch_scale`); returns the detached loss per datapoint.
+        With `check` a non-finite loss (read on the host) skips the update."""
         if self.graph is not None and y is None:  # replayed, unless validated / warming up β / a short batch
             eager = is_validation_enabled() or self.beta != self.config.beta
             loss = self.graph(x, eager)
@@ -250,7 +351,8 @@ class Trainer:
                 return loss
         self.opt.zero_grad(set_to_none=True)
         labels = {} if y is None else {"y": y}
-        loss = self.loss_fn(x, self.n, self.beta, self.noise_gen, **labels)
+        with poutine.scale(scale=scale) if scale is not None else contextlib.nullcontext():
+            loss = self.loss_fn(x, self.n, self.beta, self.noise_gen, **labels)
         for cb in self.callbacks:
             loss = cb.on_loss(self, loss)
         if loss.requires_grad:
@@ -279,7 +381,8 @@ class Trainer:
             if self.world is not None:  # this rank's noise for this step, whatever came before
                 self.world.seed_step(t.seed, self.epoch, s, self.noise_gen)
             with pyro.validation_enabled(False) if skip else contextlib.nullcontext():
-                loss = self.step(self.batch(s), check=sync == 1, y=self.batch_labels(s))
+                x, y, scale = self.batch(s), self.batch_labels(s), self.batch_scale(s)
+                loss = self.step(x, check=sync == 1, y=y, scale=scale)
             pending = loss if pending is None else pending + loss
             n_pending, self.step_in_epoch = n_pending + 1, s + 1
             for cb in self.callbacks:

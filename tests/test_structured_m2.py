@@ -200,3 +200,155 @@ def test_example_configs_build(name):
     kw = {"y": y} if getattr(model, "uses_labels", False) else {}
     loss = make_elbo(cfg.train.objective).differentiable_loss(model.model, model.guide, x, **kw)
     assert torch.isfinite(loss)
+
+
+# ---- train.labelled_per_batch: k labelled + (B - k) unlabelled points per minibatch ----------
+def _trainer(k=4, batch_size=16, epochs=1, labels=12, limit=60, callbacks=(), particles=1, lr=3e-3):
+    from pyrovae.build import build_model
+    from pyrovae.train import Trainer
+
+    cfg = load_config(
+        {
+            **SMALL,
+            "data": {"dataset": "digits", "labels": labels, "limit": limit},
+            "train": {
+                **SMALL["train"],
+                "batch_size": batch_size,
+                "labelled_per_batch": k,
+                "epochs": epochs,
+                "num_particles": particles,
+                "lr": lr,
+            },
+        }
+    )
+    data = load_data(cfg.data)
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = build_model(cfg, data.shape)
+    trainer = Trainer(
+        model, cfg.train, data.x_train, callbacks=callbacks, progress=False, y_train=data.y_train
+    )
+    return trainer, data
+
+
+class _Record:
+    """Records every step's (epoch, training indices, per-point scale)."""
+
+    def __init__(self, stop_after=None):
+        self.rows, self.stop_after = [], stop_after
+
+    def on_loss(self, trainer, loss):
+        return loss
+
+    def on_step_end(self, trainer, loss):
+        s = trainer.step_in_epoch - 1
+        self.rows.append((trainer.epoch, trainer.batch_indices(s), trainer.batch_scale(s)))
+        if self.stop_after is not None and len(self.rows) == self.stop_after:
+            trainer.request_stop()
+
+    def on_epoch_end(self, trainer):
+        pass
+
+
+def test_labelled_batches_hold_k_labelled_points_with_group_weights():
+    rec = _Record()
+    trainer, data = _trainer(k=4, batch_size=16, callbacks=[rec])
+    y = data.y_train
+    n, n_l = len(y), int((y >= 0).sum())
+    n_u = n - n_l
+    assert trainer.steps_per_epoch() == math.ceil(n_u / 12)
+    trainer.train()
+    assert len(rec.rows) == trainer.steps_per_epoch()
+    seen_unlabelled = []
+    for _, idx, scale in rec.rows:
+        lab = y[idx] >= 0
+        assert lab[:4].all() and not lab[4:].any()  # exactly k labelled points, first
+        w = scale * n / len(idx)  # times the model's own N/B: the per-point weight
+        assert torch.allclose(w[:4], torch.full((4,), n_l / 4))
+        assert torch.allclose(w[4:], torch.full((len(idx) - 4,), n_u / (len(idx) - 4)))
+        seen_unlabelled += idx[4:].tolist()
+    # an epoch is one pass over the unlabelled points
+    assert sorted(seen_unlabelled) == (y < 0).nonzero().flatten().tolist()
+
+
+def test_labelled_batches_estimate_is_unbiased():
+    """E over epoch orders of sum_b w_b f(i_b) is sum_n f(n), for every step s (Monte Carlo,
+    a tiny set: 3 labelled of 14, k = 2, B = 5, so the last step has 2 unlabelled points)."""
+    from pyrovae.train import LabelledBatches
+
+    y = torch.tensor([0, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, -1, -1, -1])
+    sched = LabelledBatches(y, batch_size=5, k=2, seed=3)
+    f = torch.linspace(0.0, 1.0, 14) ** 2 + torch.arange(14) % 3
+    gen = torch.Generator().manual_seed(0)
+    draws = 3000
+    totals = torch.zeros(sched.steps(), draws)
+    for e in range(draws):
+        perm = torch.randperm(14, generator=gen)
+        for s in range(sched.steps()):
+            idx, scale = sched.indices(perm, e, s)
+            totals[s, e] = (scale * 14 / len(idx) * f[idx]).sum()
+    mean, se = totals.mean(1), totals.std(1) / draws**0.5
+    assert sched.steps() == 4
+    assert ((mean - f.sum()).abs() < 4 * se + 1e-4).all(), (mean, f.sum(), se)
+
+
+def test_labelled_batches_loss_is_the_full_data_loss_over_an_epoch():
+    """N_l = 4 labelled (k = 2) and N_u = 24 unlabelled (B - k = 6) points: an epoch is four
+    steps that see every unlabelled point once and every labelled point twice, so the mean of
+    their loss estimates is the full-data loss per datapoint only with the group weights
+    N_l/k = 2 and N_u/(B - k) = 4 (uniform N/B = 3.5 gives about a third more here). TraceEnum
+    with many particles, so both sides are close to their expectations."""
+    losses = []
+
+    class Keep(_Record):
+        def on_loss(self, trainer, loss):
+            losses.append(float(loss.detach()))
+            return loss
+
+    trainer, data = _trainer(
+        k=2, batch_size=8, labels=4, limit=28, callbacks=[Keep()], particles=400, lr=1e-9
+    )
+    y, x = data.y_train, data.x_train
+    assert len(y) == 28 and int((y >= 0).sum()) == 4 and trainer.steps_per_epoch() == 4
+    trainer.train()
+    m2 = trainer.model
+    elbo = make_elbo("trace_enum", num_particles=400)
+    per_point = []  # the explicit sum over the 28 points, one point at a time
+    for i in range(28):
+        per_point.append(elbo.differentiable_loss(m2.model, m2.guide, x[i : i + 1], y=y[i : i + 1]).item())
+    full = sum(per_point) / 28
+    assert abs(sum(losses) / 4 - full) < 0.02 * abs(full), (losses, full)
+    lab = sum(p for p, yi in zip(per_point, y.tolist(), strict=True) if yi >= 0) / 28
+    uniform = 3.5 * (2 * lab + (full - lab)) / 4  # every point weighted N/B: not the objective
+    assert abs(uniform - full) > 0.1 * abs(full)
+
+
+def test_labelled_batches_resume_reproduces_the_schedule():
+    full = _Record()
+    _trainer(epochs=2, callbacks=[full])[0].train()
+    part = _Record(stop_after=7)
+    trainer, _ = _trainer(epochs=2, callbacks=[part])
+    assert trainer.train() is False
+    state = trainer.state_dict()
+    rest = _Record()
+    resumed, _ = _trainer(epochs=2, callbacks=[rest])
+    resumed.load_state_dict(state)
+    assert resumed.train() is True
+    rows = part.rows + rest.rows
+    assert len(rows) == len(full.rows) == 2 * trainer.steps_per_epoch()
+    for (e1, i1, s1), (e2, i2, s2) in zip(rows, full.rows, strict=True):
+        assert e1 == e2 and torch.equal(i1, i2) and torch.equal(s1, s2)
+    assert not torch.equal(full.rows[0][1][:4], full.rows[1][1][:4])  # the stream moves on
+
+
+def test_labelled_per_batch_bad_values_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"labelled_per_batch \(64\) must be smaller than batch_size \(64\)"):
+        load_config({**SMALL, "train": {**SMALL["train"], "labelled_per_batch": 64}})
+    with pytest.raises(ConfigError, match="train.labelled_per_batch: Input should be greater"):
+        load_config({**SMALL, "train": {**SMALL["train"], "labelled_per_batch": -1}})
+    with pytest.raises(ConfigError, match='applies to semi-supervised models .*got model.kind = .vae.'):
+        load_config({"train": {"labelled_per_batch": 4}})
+    from pyrovae.train import LabelledBatches
+
+    with pytest.raises(ConfigError, match="both labelled and unlabelled .-1. points; got 3 labelled of 3"):
+        LabelledBatches(torch.tensor([0, 1, 2]), batch_size=2, k=1, seed=0)
