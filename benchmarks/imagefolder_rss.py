@@ -25,7 +25,6 @@ machine. Every file written is deleted at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from memmap_rss import child, summary  # noqa: E402  (the same child process and summary)
+from memmap_rss import child, save_results, summary  # noqa: E402  (the same child process and summary)
 
 
 def write_pngs(folder: Path, root: str | None, images: int, seed: int = 0) -> dict:
@@ -114,10 +113,7 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": argv}
 
     def save() -> None:
-        print(json.dumps(results, indent=2), flush=True)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+        save_results(results, a.out)
 
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="pyrovae-images-") as tmp:
         folder = Path(tmp) / "pngs"

@@ -122,6 +122,14 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+def save_results(results: dict, out: str | None) -> None:
+    """Print the results so far, and write them to `out` when given."""
+    print(json.dumps(results, indent=2), flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="folder for the temporary files (needs ~3.2 GB)")
@@ -135,10 +143,7 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
 
     def save() -> None:
-        print(json.dumps(results, indent=2), flush=True)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+        save_results(results, a.out)
 
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="pyrovae-memmap-") as tmp:
         small = Path(tmp) / "small.npy"
