@@ -6,6 +6,8 @@ with `event_shape == (D,)`. Each likelihood also checks, once per dataset, that 
 its support, so that Pyro's validation (which stays on) never has to fail deep inside a step.
 
 * `bernoulli` — $\prod_d \lambda_d^{x_d}(1-\lambda_d)^{1-x_d}$; binary data {0, 1}.
+* `bernoulli_cross_entropy` — the same formula on grey levels in [0, 1]: a cross-entropy, not
+  a normalized density (the loss of Pyro's CVAE example and of much VAE code on grey MNIST).
 * `continuous_bernoulli` — $\prod_d C(\lambda_d)\lambda_d^{x_d}(1-\lambda_d)^{1-x_d}$;
   grey levels in [0, 1].
 * `normal` — $\prod_d \mathcal N(x_d; \mu_d, \sigma^2)$; real values.
@@ -121,6 +123,26 @@ class _UnitInterval(Likelihood):
             raise DataError(
                 f"{source}: the {self.spec.kind} likelihood needs values in [0, 1]; found {_describe(x, bad)}"
             )
+
+
+@LIKELIHOODS.register
+class BernoulliCrossEntropy(_UnitInterval):
+    r"""Grey levels $x_d \in [0, 1]$ scored by the Bernoulli cross-entropy
+    $\sum_d x_d \log\lambda_d + (1-x_d)\log(1-\lambda_d)$, $\lambda = \sigma(\ell)$.
+
+    Not a normalized density on $[0, 1]$ (that is `continuous_bernoulli`): its "NLL" is only
+    comparable with other figures of the same cross-entropy on the same grey levels, such as
+    Pyro's CVAE example. It is a `pyro.distributions.Bernoulli` with `validate_args=False`, asked
+    for by name, so that grey data under plain `bernoulli` is still refused."""
+
+    class Spec(Spec):
+        kind: Literal["bernoulli_cross_entropy"] = "bernoulli_cross_entropy"
+
+    def forward(self, raw):
+        return dist.Bernoulli(logits=raw[..., 0, :], validate_args=False).to_event(1)
+
+    mean = Bernoulli.mean
+    reconstruction_loss = Bernoulli.reconstruction_loss
 
 
 @LIKELIHOODS.register

@@ -23,6 +23,7 @@ def raw(b=4):
 def test_registry_lists_all_likelihoods():
     assert set(LIKELIHOODS.kinds()) == {
         "bernoulli",
+        "bernoulli_cross_entropy",
         "continuous_bernoulli",
         "normal",
         "laplace",
@@ -112,3 +113,21 @@ def test_scale_must_be_positive():
         LIKELIHOODS["normal"].Spec(scale=0)
     with pytest.raises(ValueError):
         LIKELIHOODS["normal"].Spec(scale="fixed")
+
+
+def test_bernoulli_cross_entropy_on_grey_levels():
+    """Σ x log σ(ℓ) + (1 − x) log(1 − σ(ℓ)) on grey x, written out; binary x gives `bernoulli`."""
+    r, x = raw(), torch.rand(4, D)
+    lam = torch.sigmoid(r[:, 0]).double()
+    ref = (x.double() * lam.log() + (1 - x.double()) * (1 - lam).log()).sum(-1)
+    ce = lik("bernoulli_cross_entropy")
+    ce.check_data(x)  # grey levels are its data
+    torch.testing.assert_close(ce(r).log_prob(x).double(), ref)
+    torch.testing.assert_close(ce.reconstruction_loss(r, x).double(), -ref)
+    b = torch.randint(0, 2, (4, D)).float()
+    torch.testing.assert_close(ce(r).log_prob(b), lik("bernoulli")(r).log_prob(b))
+    # the maximizer of the cross-entropy is λ = x: it is not a density, its floor is the entropy
+    at_x = lik("bernoulli_cross_entropy")(torch.logit(x.clamp(1e-4, 1 - 1e-4))[:, None]).log_prob(x)
+    assert (at_x >= ce(r).log_prob(x)).all()
+    with pytest.raises(DataError, match=r"bernoulli_cross_entropy likelihood needs values in \[0, 1\]"):
+        ce.check_data(torch.tensor([[0.0, 1.2, 0.5, 0.0, 1.0]]), "grey.npy")

@@ -162,6 +162,23 @@ def test_training_loss_is_the_negative_conditional_log_likelihood_per_point():
     assert torch.allclose(loss, exact, rtol=1e-5)
 
 
+def test_grey_level_cross_entropy_is_the_examples_masked_bce():
+    """With `bernoulli_cross_entropy` on grey digits (the Pyro example's protocol), the
+    baseline's loss is the example's masked BCE over the hidden pixels, per image."""
+    from pyrovae.objectives import make_loss
+
+    ce = {"kind": "bernoulli_cross_entropy"}
+    _, data, base = _built({**QUADRANTS, "model": {**QUADRANTS["model"], "kind": "cvae_baseline",
+                                                   "latent_dim": 2, "likelihood": ce}})
+    x = data.x_train[:12]
+    assert ((x > 0) & (x < 1)).any()  # grey levels, not binarized
+    loss = make_loss(base, "trace_elbo")(x, 1000, 1.0, None)
+    gmask = base.given_mask(x, None)
+    raw = base.net(torch.where(gmask, x, torch.full_like(x, -1.0)))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(raw, x, reduction="none")
+    torch.testing.assert_close(loss, (bce * (~gmask)).sum(-1).mean(), rtol=1e-5, atol=1e-4)
+
+
 def test_baseline_run_feeds_the_prior_is_frozen_and_the_run_stands_alone(tmp_path, capsys):
     """`model.baseline_run` (Pyro's CVAE example): the trained baseline's network is copied
     into the new CVAE run, frozen; the prior net reads the given pixels plus the baseline's
