@@ -78,6 +78,11 @@ def test_cvae_conditional_bounds_are_ordered():
     m = cvae.metrics(data.x_test[:50])
     for g in ("1", "2", "3"):  # IWAE (K=32) is the tighter bound: NLL below the negative ELBO
         assert m["conditional_nll"][g] <= m["conditional_nll_elbo"][g] + 0.5
+    one = _built({"model": {**QUADRANTS["model"], "given": [2]}})[2]
+    one.load_state_dict(cvae.state_dict())  # scored only at the count it was trained for
+    m2 = one.metrics(data.x_test[:20], samples=4)
+    assert set(m2["conditional_nll"]) == set(m2["conditional_nll_elbo"]) == {"2"}
+    assert "[2] given quadrants" in m2["conditional_nll_note"]
 
 
 def test_label_conditioned_samples_are_classified_as_their_label(tmp_path, capsys):

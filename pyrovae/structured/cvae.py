@@ -119,16 +119,17 @@ class _Quadrants(nn.Module):
     def metrics(
         self, x: torch.Tensor, y: torch.Tensor | None = None, samples: int = CONDITIONAL_NLL_SAMPLES
     ) -> dict:
-        """Conditional NLL of the missing pixels for each number of given quadrants (nats per
-        image, IWAE bound with `samples` importance samples, and the negative ELBO)."""
+        """Conditional NLL of the missing pixels for each number of given quadrants the model was
+        trained for (`model.given`; nats per image, IWAE bound with `samples` importance samples,
+        and the negative ELBO)."""
         out: dict = {"conditional_nll": {}, "conditional_nll_elbo": {}}
-        for g in (1, 2, 3):
+        for g in self.given:
             m, q = partial(self.model, given=g), partial(self.guide, given=g)
             ll = log_likelihood(m, q, x, samples)
             out["conditional_nll"][str(g)] = float(-ll.mean())
             out["conditional_nll_elbo"][str(g)] = float(-elbo(m, q, x, batch_size=1024).mean())
         out["conditional_nll_note"] = (
-            "-log p(x_missing | x_given) per test image, nats, for 1/2/3 given quadrants: IWAE "
+            f"-log p(x_missing | x_given) per test image, nats, for {list(self.given)} given quadrants: IWAE "
             f"bound with K={samples} (conditional_nll) and the single-sample "
             "negative ELBO (conditional_nll_elbo); exact for the deterministic baseline"
         )
