@@ -60,8 +60,12 @@ PUBLISHED = {
 
 
 class Deadline(Callback):
-    def __init__(self, seconds: float, rows: list, save) -> None:
+    """Stops at the time budget, or (with `patience`) after that many epochs without a better
+    validation ELBO, keeping the best epoch's weights, as the example's early stopping does."""
+
+    def __init__(self, seconds: float, rows: list, save, patience: int | None = None) -> None:
         self.start, self.end, self.rows, self.save = time.time(), time.time() + seconds, rows, save
+        self.patience, self.best, self.best_epoch, self.best_state = patience, -float("inf"), 0, None
 
     def on_step_end(self, trainer, loss) -> None:
         if time.time() > self.end:
@@ -72,6 +76,20 @@ class Deadline(Callback):
         self.rows.append({"epoch": h["epoch"], "seconds": round(time.time() - self.start, 1),
                           "train_elbo": h["train_elbo"], "val_elbo": h["val_elbo"]})
         self.save()
+        if self.patience is None:
+            return
+        if h["val_elbo"] > self.best:
+            self.best, self.best_epoch = h["val_elbo"], h["epoch"]
+            self.best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        elif h["epoch"] - self.best_epoch >= self.patience:
+            trainer.request_stop()
+
+    def restore_best(self, model) -> int | None:
+        """Load the best validation epoch's weights into `model`; return that epoch."""
+        if self.best_state is None:
+            return None
+        model.load_state_dict(self.best_state)
+        return self.best_epoch
 
 
 def main() -> None:
@@ -89,6 +107,9 @@ def main() -> None:
     p.add_argument("--separate", action="store_true", help="one baseline and one CVAE per count")
     p.add_argument("--counts", default="1,2,3",
                    help="with --separate: the counts to train (the budget is split among them)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping: stop after this many epochs without a better validation "
+                        "ELBO and score the best epoch's weights (the example uses 3)")
     p.add_argument("--grey", action="store_true",
                    help="the example's protocol: grey-level images (not binarized), scored by the "
                         "Bernoulli cross-entropy (likelihood bernoulli_cross_entropy)")
@@ -103,7 +124,7 @@ def main() -> None:
         eval_points=a.eval_points, date=datetime.now(UTC).strftime("%Y-%m-%d"),
         machine=platform.machine(), torch_threads=torch.get_num_threads(),
         command="python benchmarks/structured_cvae.py " + " ".join(sys.argv[1:]),
-        published=PUBLISHED,
+        published=PUBLISHED, patience=a.patience,
     )
 
     def save() -> None:
@@ -145,17 +166,19 @@ def main() -> None:
             res["runs"][key] = {"kind": kind, "given": given, "epochs": rows, "finished": False}
             t0 = time.time()
             budget = a.minutes * 60 * share[name] / len(counts)
+            stop = Deadline(budget, rows, save, a.patience)
             trainer = Trainer(model, cfg.train, data.x_train, data.x_val, dynamic_binarize=cfg.data.binarize == "dynamic",
-                              device=device, callbacks=[Deadline(budget, rows, save)], progress=False)
+                              device=device, callbacks=[stop], progress=False)
             trainer.train()
             train_s = time.time() - t0
+            best_epoch = stop.restore_best(model)
             model.eval()
             x_test = data.x_test[: a.eval_points].to(device)
             t1 = time.time()
             m = model.metrics(x_test, samples=a.eval_k)
             res["runs"][key].update(finished=True, train_seconds=round(train_s, 1),
                                     eval_seconds=round(time.time() - t1, 1),
-                                    epochs_completed=len(trainer.history), **m)
+                                    epochs_completed=len(trainer.history), scored_epoch=best_epoch or len(trainer.history), **m)
             print(f"{key}: {m['conditional_nll']} (ELBO: {m['conditional_nll_elbo']}) after "
                   f"{len(trainer.history)} epochs, {train_s:.0f} s", flush=True)
             save()
