@@ -1,7 +1,7 @@
 """CVAE vs its deterministic baseline on MNIST quadrants: conditional NLL for 1/2/3 given quadrants.
 
 Protocol (`examples/configs/mnist_cvae.toml`; task of Pyro's CVAE example): given 1 quadrant
-(bottom-left), 2 (the left half) or 3 (all but the top-right) of a test digit, the negative
+(bottom-left), 2 (the left half) or 3 (all but the bottom-right) of a test digit, the negative
 log-likelihood of the missing pixels, $-\\log p(x_{missing} \\mid x_{given})$, in nats per
 image. One CVAE and one baseline network (`model.kind = "cvae_baseline"`, the example's
 deterministic network; no latent variable, so its figure is exact) each serve all three

@@ -43,7 +43,17 @@ def test_quadrant_masks():
     m1, m2, m3 = (quadrant_mask((1, 8, 8), g).reshape(8, 8) for g in (1, 2, 3))
     assert m1.sum() == 16 and m1[4:, :4].all()  # bottom-left
     assert m2.sum() == 32 and m2[:, :4].all()  # left half
-    assert m3.sum() == 48 and not m3[:4, 4:].any()  # all but the top-right
+    assert m3.sum() == 48 and not m3[4:, 4:].any()  # all but the bottom-right
+    # Pyro's CVAE example (`MaskImages`): the input is where its target image is marked -1
+    img = torch.zeros(8, 8)
+    for g, m in zip((1, 2, 3), (m1, m2, m3), strict=True):
+        out = img.clone()
+        out[4:, :4] = -1
+        if g == 2:
+            out[:, :4] = -1
+        if g == 3:
+            out[:4, :] = -1
+        assert torch.equal(m, out == -1), g
 
 
 def test_completion_copies_the_given_quadrants():

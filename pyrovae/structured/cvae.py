@@ -15,7 +15,7 @@ $c$ is:
   needs its label; evaluation is of $\log p(x \mid y)$ on the test labels.
 * `"quadrants"` (the structured-output task of Sohn et al. and Pyro's CVAE example): $c$ is
   $g \in$ `model.given` quadrants of an image $x$ (1: bottom-left; 2: the left half; 3: all but
-  the top-right), the rest set to -1; the model generates the missing pixels
+  the bottom-right), the rest set to -1; the model generates the missing pixels
   $x_{\bar g}$: $p(z \mid x_g) = \mathcal N(\mu_\theta(x_g), \sigma_\theta(x_g))$ (a learned
   prior net), $p(x_{\bar g} \mid z, x_g)$ the likelihood over the missing pixels only (the
   given ones are masked out of the observation site), $q(z \mid x_g, x)$. One model serves
@@ -62,14 +62,15 @@ HIDDEN = -1.0
 
 def quadrant_mask(shape: tuple[int, ...], given: int, device=None) -> torch.Tensor:
     """Boolean `(D,)` mask of the given pixels of an image of `shape` `(C, H, W)`: 1 given
-    quadrant = bottom-left, 2 = the left half, 3 = all but the top-right (Pyro's CVAE example)."""
+    quadrant = bottom-left, 2 = the left half, 3 = all but the bottom-right (Pyro's CVAE example,
+    `MaskImages`: the bottom-left, then the left half, then the left half and the top half)."""
     c, h, w = shape
     m = torch.zeros(c, h, w, dtype=torch.bool, device=device)
     m[:, h // 2 :, : w // 2] = True
     if given >= 2:
         m[:, :, : w // 2] = True
     if given >= 3:
-        m[:, h // 2 :, :] = True
+        m[:, : h // 2, :] = True
     return m.flatten()
 
 
