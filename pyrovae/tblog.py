@@ -12,6 +12,7 @@ step and epoch curves share one axis. Tags:
 | `elbo/elbo`, `elbo/reconstruction`, `elbo/kl` | epoch ends, within the time budget (VAE) | $\mathrm{ELBO} = E_q[\log p(x\mid z)] - \mathrm{KL}(q(z\mid x)\,\|\,p(z))$ on the first `parts_points` validation points (training points without a validation split), one draw of $z$, $\beta = 1$ |
 | `kl_per_dim/NN` | with the ELBO parts, where q and p have per-dimension marginals | $\mathrm{KL}(q(z_u\mid x)\,\|\,p(z_u))$ |
 | `elbo/active_units`, `elbo/mutual_information` | with the ELBO parts (VAE) | see `pyrovae.diagnostics.elbo_decomposition` |
+| `metrics/NAME` (`metrics/NAME/KEY` for a table) | with the ELBO parts, structured models (`pyrovae.structured`) | the model's own `metrics(x, y)` on the same points and their labels: `kl_z1`, `kl_z2`, `reconstruction` (hvae: the ELBO per layer), `cluster_accuracy` (gmvae), `test_accuracy` (m2: of the labelled ones among them), `conditional_nll/G` (cvae) |
 | images `reconstructions`, `samples` | with the ELBO parts, image data | $E[x\mid z]$ at $z$ = the mean of $q(z\mid x)$, and at $z \sim p(z)$ (AE: decodes of $N(0, I)$ draws) |
 
 **Time budget.** The ELBO parts and the images (a few forward passes on `parts_points`
@@ -64,6 +65,7 @@ class TensorBoardLogger(Callback):
         data_shape: tuple[int, ...],
         x_parts: torch.Tensor,
         log_every: int = 50,
+        y_parts: torch.Tensor | None = None,
         parts_points: int = PARTS_POINTS,
         images: bool = True,
         budget: float = 0.01,
@@ -71,6 +73,7 @@ class TensorBoardLogger(Callback):
         self.dir = Path(folder) / TB
         self.data_shape, self.log_every = tuple(data_shape), log_every
         self.x_parts = x_parts[:parts_points]
+        self.y_parts = None if y_parts is None else y_parts[:parts_points]
         self.images = images and len(self.data_shape) == 3 and self.data_shape[0] in (1, 3)
         self.writer = None
         self.budget, self.heavy_seconds, self.heavy_count = budget, 0.0, 0
@@ -151,6 +154,8 @@ class TensorBoardLogger(Callback):
                 x = self.x_parts.to(dev)
                 if trainer.is_vae:
                     self._elbo_parts(w, trainer.model, x, step)
+                if callable(getattr(trainer.model, "metrics", None)):
+                    self._metrics(w, trainer.model, x, step)
                 if self.images and len(x):
                     self._images(w, trainer.model, x[:IMAGES], step)
         finally:
@@ -162,7 +167,9 @@ class TensorBoardLogger(Callback):
         try:
             d = elbo_decomposition(vae.model, vae.guide, x, num_particles=1, max_mi_points=len(x))
         except Exception as e:  # noqa: BLE001 - a plugin model may not fit the decomposition
-            if not getattr(self, "_warned", False):
+            # a structured model (several latent sites, an enumerated one) logs its own
+            # per-layer terms instead: `_metrics`
+            if not getattr(self, "_warned", False) and not callable(getattr(vae, "metrics", None)):
                 log.warning("TensorBoard: no ELBO parts for this model (%s)", str(e)[:200])
                 self._warned = True
             return
@@ -175,6 +182,16 @@ class TensorBoardLogger(Callback):
             width = len(str(d.latent_dim - 1))
             for u, v in enumerate(d.kl_per_dim.mean(0).tolist()):
                 w.add_scalar(f"kl_per_dim/{u:0{width}d}", v, step)
+
+    def _metrics(self, w, model, x: torch.Tensor, step: int) -> None:
+        """A structured model's `metrics(x, y)` as `metrics/...` scalars. Points whose label is
+        unknown (-1, `[data] labels`) are left out when some are labelled."""
+        y = None if self.y_parts is None else self.y_parts.to(x.device)
+        if y is not None and bool((y < 0).any()):
+            known = y >= 0
+            x, y = (x[known], y[known]) if bool(known.any()) else (x, None)
+        for tag, v in _flat(model.metrics(x, y), "metrics"):
+            w.add_scalar(tag, v, step)
 
     def _images(self, w, model, x: torch.Tensor, step: int) -> None:
         shape = self.data_shape
@@ -209,6 +226,21 @@ def parts_data(data, seed: int = 0, n: int = PARTS_POINTS) -> torch.Tensor:
     if data.binarize == "dynamic":
         x = bernoulli(x, torch.Generator(device=x.device).manual_seed(seed))
     return x
+
+
+def parts_labels(data, n: int = PARTS_POINTS) -> torch.Tensor | None:
+    """The labels of the `parts_data` points (None without labels)."""
+    y = data.y_val if len(data.x_val) else data.y_train
+    return None if y is None else y[:n]
+
+
+def _flat(metrics: dict, prefix: str):
+    """(tag, value) for the numbers of a (nested) metrics dict; notes and other text skipped."""
+    for key, v in metrics.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}/{key}")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            yield f"{prefix}/{key}", float(v)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -303,10 +303,14 @@ def _fit_locked(
     writer = RunWriter(out, cfg, tuple(data.shape), fp, last)
     extra: list[Callback] = []
     if cfg.train.log and lead:
-        from pyrovae.tblog import TensorBoardLogger, parts_data
+        from pyrovae.tblog import TensorBoardLogger, parts_data, parts_labels
 
         parts = parts_data(data, cfg.train.seed)
-        extra.append(TensorBoardLogger(out, tuple(data.shape), parts, cfg.train.log_every))
+        extra.append(
+            TensorBoardLogger(
+                out, tuple(data.shape), parts, cfg.train.log_every, y_parts=parts_labels(data)
+            )
+        )
     trainer = Trainer(
         model,
         cfg.train,
