@@ -157,6 +157,31 @@ def build_network(
         raise ConfigError(f"{name}: {e}") from None
 
 
+def forward_concat(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""`net([a, b])`, the two inputs concatenated on the last dim after broadcasting their
+    batch dims, without forming the concatenation.
+
+    A network whose first layer is affine computes $W[a; b] + c = (W_a a + c) + W_b b$: each
+    part on its own batch shape, added with broadcasting. Where one input carries extra batch
+    dims the other lacks (an enumerated label next to an image, $K$ importance samples of $z$
+    next to a condition), its partner's part of the first layer is computed once instead of once
+    per copy: in M2's guide $q(z \mid x, y)$ with $y$ enumerated over 10 classes, the
+    $784 	imes 500$ product on $x$ runs once, not 10 times. Same value as
+    `net(concat(a, b))` up to float rounding, same parameters; other networks fall back to that.
+    """
+    layers = list(net) if isinstance(net, nn.Sequential) else [net]
+    first = layers[0] if layers else None
+    if not isinstance(first, nn.Linear):
+        shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+        return net(torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], -1))
+    da = a.shape[-1]
+    h = nn.functional.linear(a, first.weight[:, :da], first.bias)
+    h = h + nn.functional.linear(b, first.weight[:, da:])
+    for layer in layers[1:]:
+        h = layer(h)
+    return h
+
+
 class Frozen(nn.Module):
     """A network whose weights are fixed: held as buffers, so they are saved and moved with the
     model that owns it but no optimizer and no `pyro.module` sees them (for a pre-trained part,

@@ -49,9 +49,9 @@ from pyrovae.errors import ConfigError
 from pyrovae.evaluate import elbo, log_likelihood
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.model import latent_weight
-from pyrovae.networks import Frozen, build_network
+from pyrovae.networks import Frozen, build_network, forward_concat
 from pyrovae.structured import register
-from pyrovae.structured.m2 import check_mlp, concat
+from pyrovae.structured.m2 import check_mlp
 
 _ids = itertools.count()
 #: importance samples per test point for `metrics`' conditional NLL
@@ -242,7 +242,7 @@ class CVAE(_Quadrants):
                 prior = self._normal(self.prior_net(self.prior_input(c, gmask)), k)
             with latent_weight(beta):
                 z = pyro.sample("z", prior)
-            raw = self.decoder(concat(z, c))
+            raw = forward_concat(self.decoder, z, c)
             if gmask is None:
                 pyro.sample("x", self.likelihood(self._unflatten(raw)), obs=x)
             else:
@@ -253,7 +253,7 @@ class CVAE(_Quadrants):
         pyro.module(self.pyro_name, self)
         c, _ = self._condition(x, y, given)
         with self._plate(x, n_data), latent_weight(beta):
-            pyro.sample("z", self._normal(self.encoder(concat(x, c)), self.latent_dim))
+            pyro.sample("z", self._normal(forward_concat(self.encoder, x, c), self.latent_dim))
 
     def _unflatten(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.reshape(*raw.shape[:-1], self.likelihood.params_per_feature, self.data_dim)
@@ -279,7 +279,7 @@ class CVAE(_Quadrants):
             y = torch.full((n,), label, device=device)
         c = one_hot(y, self.classes).float()
         z = torch.randn(n, self.latent_dim, device=device)
-        return self.likelihood.mean(self._unflatten(self.decoder(concat(z, c))))
+        return self.likelihood.mean(self._unflatten(forward_concat(self.decoder, z, c)))
 
     @torch.no_grad()
     def complete(self, x: torch.Tensor, given: int) -> torch.Tensor:
@@ -293,7 +293,7 @@ class CVAE(_Quadrants):
             )
         c, gmask = self._condition(x, None, given)
         z = self._normal(self.prior_net(self.prior_input(c, gmask)), self.latent_dim).sample()
-        mean = self.likelihood.mean(self._unflatten(self.decoder(concat(z, c))))
+        mean = self.likelihood.mean(self._unflatten(forward_concat(self.decoder, z, c)))
         return torch.where(gmask, x, mean)
 
     @torch.no_grad()

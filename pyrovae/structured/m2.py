@@ -46,18 +46,12 @@ from torch.nn.functional import one_hot, softplus
 from pyrovae.errors import ConfigError
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.model import latent_weight
-from pyrovae.networks import build_network
+from pyrovae.networks import build_network, forward_concat
 from pyrovae.structured import register
 
 _ids = itertools.count()
 #: the classifier's logit for every class but the label, for a labelled point (q(y) = δ)
 POINT_MASS_LOGIT = -1e4
-
-
-def concat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`[a, b]` on the last dim, after broadcasting their batch dims (particles, enumeration)."""
-    shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-    return torch.cat([a.expand(*shape, a.shape[-1]), b.expand(*shape, b.shape[-1])], -1)
 
 
 def check_mlp(model_config, kind: str) -> None:
@@ -128,7 +122,7 @@ class M2(nn.Module):
                     dist.Normal(x.new_zeros(self.latent_dim), x.new_ones(self.latent_dim)).to_event(1),
                 )
             label = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.classes)))
-            raw = self.decoder(concat(z, self._one_hot(label)))
+            raw = forward_concat(self.decoder, z, self._one_hot(label))
             pyro.sample("x", self.likelihood(self._unflatten(raw)), obs=x)
             if y is not None and self.alpha > 0:
                 labelled = y >= 0
@@ -148,7 +142,7 @@ class M2(nn.Module):
             label = pyro.sample(
                 "y", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
             )
-            h = self.encoder_z(concat(x, self._one_hot(label)))
+            h = forward_concat(self.encoder_z, x, self._one_hot(label))
             loc, scale = h[..., : self.latent_dim], softplus(h[..., self.latent_dim :]) + 1e-5
             with latent_weight(beta):
                 pyro.sample("z", dist.Normal(loc, scale).to_event(1))
@@ -182,14 +176,14 @@ class M2(nn.Module):
             self._check_label(label)
             y = torch.full((n,), label, device=device)
         z = torch.randn(n, self.latent_dim, device=device)
-        return self.likelihood.mean(self._unflatten(self.decoder(concat(z, self._one_hot(y)))))
+        return self.likelihood.mean(self._unflatten(forward_concat(self.decoder, z, self._one_hot(y))))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """$E[x \\mid \\hat y, z = \\mu(x, \\hat y)]$ with $\\hat y = \\arg\\max q(y|x)$."""
         y = self._one_hot(self.classify(x))
-        loc = self.encoder_z(concat(x, y))[..., : self.latent_dim]
-        return self.likelihood.mean(self._unflatten(self.decoder(concat(loc, y))))
+        loc = forward_concat(self.encoder_z, x, y)[..., : self.latent_dim]
+        return self.likelihood.mean(self._unflatten(forward_concat(self.decoder, loc, y)))
 
     @torch.no_grad()
     def metrics(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, float | str]:
