@@ -166,7 +166,7 @@ def _config_with_overrides(config, overrides):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pyrovae import distributed
     from pyrovae.runs import load_run
-    from pyrovae.workflow import evaluate_run
+    from pyrovae.workflow import evaluate_run, record_log_likelihood
 
     run = load_run(
         args.run_dir,
@@ -190,6 +190,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         for k, v in m.items():
             print(f"{k:28s} {_fmt(v, 4)}")
+    if args.iwae_samples is not None and m.get("log_likelihood") is not None:
+        from pyrovae.progress import log
+
+        if args.accept_data_changes and not args.no_record:
+            log.warning("log-likelihood not recorded in the run folder: --accept-data-changes")
+        elif not args.no_record:
+            written, line = record_log_likelihood(args.run_dir, m)
+            (log.info if written else log.warning)(line)
     return 0
 
 
@@ -302,7 +310,7 @@ def runs_table(rows: list[dict]) -> str:
         "final/best val: validation ELBO (VAE, higher is better) or validation loss (AE, lower "
         "is better) per epoch, nats per datapoint; test ELBO: single-sample ELBO on the test "
         "split at the end of fit; test NLL: importance-sampled -log p(x) where metrics.json "
-        "holds one; differs: config values that are not the same in every run."
+        "holds one (kept there by pyrovae evaluate --iwae-samples K); differs: config values that are not the same in every run."
     )
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *[line(x) for x in body], "", textwrap.fill(notes, 100)])
@@ -413,7 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="also estimate log p(x) by importance sampling with K samples (the IWAE bound)",
+        help="also estimate log p(x) by importance sampling with K samples (the IWAE bound); "
+        "kept in the run's metrics.json (the test NLL of pyrovae compare) unless a larger K "
+        "is kept there already",
+    )
+    e.add_argument(
+        "--no-record",
+        action="store_true",
+        help="leave the run folder untouched (do not keep the --iwae-samples estimate)",
     )
     _plugin_args(e)
     data_args(e)

@@ -496,6 +496,54 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: the keys of `evaluate_run`'s importance-sampled estimate kept in a run's `metrics.json`
+LOG_LIKELIHOOD_KEYS = (
+    "log_likelihood",
+    "log_likelihood_se",
+    "log_likelihood_samples",
+    "log_likelihood_split",
+    "log_likelihood_note",
+)
+
+
+def record_log_likelihood(folder: str | Path, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """Keep `evaluate_run`'s importance-sampled test log-likelihood in `folder/metrics.json`,
+    where `compare_runs` (the `test NLL` column of `pyrovae compare RUN ...`) reads it.
+
+    Written under the folder's lock (`RunLock`: not while a `fit` writes it) and atomically;
+    an estimate with fewer samples than the stored one is not kept (a larger K gives a tighter
+    bound). Returns (written, one line saying what was done or why nothing was written); never
+    raises for a folder it cannot write (read-only, locked, no `metrics.json`).
+    """
+    import json
+
+    from pyrovae.errors import RunLockedError
+
+    d = Path(folder)
+    path = d / METRICS
+    k = metrics.get("log_likelihood_samples")
+    if metrics.get("log_likelihood") is None or not isinstance(k, int):
+        return False, f"not recorded in {path}: no importance-sampled log-likelihood to record"
+    try:
+        with RunLock(d):
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                return False, f"not recorded in {path}: expected a JSON object"
+            old = stored.get("log_likelihood_samples")
+            if stored.get("log_likelihood") is not None and isinstance(old, int) and old > k:
+                return False, (
+                    f"not recorded in {path}: it keeps the estimate with K={old} "
+                    f"(log_likelihood {stored['log_likelihood']:.4f}); this one has K={k}"
+                )
+            stored.update({key: metrics[key] for key in LOG_LIKELIHOOD_KEYS if key in metrics})
+            atomic_write_json(path, stored)
+    except RunLockedError as e:
+        return False, f"not recorded in {path}: {e}"
+    except (OSError, ValueError) as e:
+        return False, f"not recorded in {path}: {e}"
+    return True, f"recorded in {path} (K={k}): pyrovae compare shows it as the test NLL"
+
+
 def compare_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """One row per run folder, read from its `metrics.json` and `config.toml` (no model is
     loaded, no data): name, kind, epochs, final and best validation ELBO (AE: loss) with the

@@ -186,3 +186,35 @@ def test_structured_models_log_their_own_terms(tmp_path, caplog):
     # argmax of q(c|x), no draw): the logger scored the validation points with their labels
     x, y = run.data.x_val[:256], run.data.y_val[:256]
     assert acc == pytest.approx(run.model.metrics(x, y)["cluster_accuracy"], abs=1e-6)
+
+
+def test_evaluate_keeps_its_log_likelihood_for_compare(tmp_path, capsys):
+    """`evaluate --iwae-samples K` keeps its estimate in metrics.json, which `compare` shows as
+    the test NLL; a smaller K does not replace a larger one; `--no-record` and a folder
+    locked by a running fit leave metrics.json byte for byte as it was."""
+    from pyrovae.runs import RunLock
+    from pyrovae.workflow import compare_runs
+
+    run = pyrovae.fit(tiny_config(), tmp_path / "r", progress=False, figures=False).dir
+    metrics = run / "metrics.json"
+    assert compare_runs([run])[0]["test_nll"] is None
+    rc, out, err = cli(capsys, "evaluate", run, "--json", "--iwae-samples", "20")
+    assert rc == 0, err
+    ll = json.loads(out)["log_likelihood"]
+    assert "recorded in" in err and "K=20" in err
+    stored = json.loads(metrics.read_text())
+    assert stored["log_likelihood"] == ll and stored["log_likelihood_samples"] == 20
+    assert "history" in stored and stored["test_elbo"] is not None  # the rest kept
+    assert compare_runs([run])[0]["test_nll"] == pytest.approx(-ll)
+    rc, out, _ = cli(capsys, "compare", run)
+    assert rc == 0 and f"{-ll:.2f}" in out
+
+    before = metrics.read_bytes()
+    rc, _, err = cli(capsys, "evaluate", run, "--iwae-samples", "5")
+    assert rc == 0 and "not recorded" in err and "K=20" in err
+    rc, _, err = cli(capsys, "evaluate", run, "--iwae-samples", "30", "--no-record")
+    assert rc == 0 and "recorded" not in err
+    with RunLock(run):  # a fit writing the folder
+        rc, _, err = cli(capsys, "evaluate", run, "--iwae-samples", "30")
+    assert rc == 0 and "not recorded" in err and "in use by another pyrovae process" in err
+    assert metrics.read_bytes() == before
