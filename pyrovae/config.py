@@ -76,6 +76,10 @@ class ModelConfig(_Section):
     #: frozen, fills the hidden pixels of the prior net's input with its prediction (Pyro's
     #: CVAE example); its weights are copied into the new run, which then stands alone
     baseline_run: Optional[str] = None  # noqa: UP045
+    #: `cvae` with condition "quadrants": whether p(x_missing | z, x_g) also reads the given
+    #: pixels (default true); false: the decoder reads z alone, as the generation net of Pyro's
+    #: CVAE example, and the given pixels reach the missing ones only through p(z | x_g)
+    decoder_reads_condition: Optional[bool] = None  # noqa: UP045
     #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
     clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
     #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
@@ -99,6 +103,11 @@ class ModelConfig(_Section):
             raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
         if self.baseline_run is not None and self.condition != "quadrants":
             raise ValueError('model.baseline_run applies to model.condition = "quadrants"')
+        if self.decoder_reads_condition is not None and self.condition != "quadrants":
+            raise ValueError(
+                'model.decoder_reads_condition applies to model.condition = "quadrants" (a label '
+                "CVAE's prior p(z) does not read the label, so its decoder must)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -161,6 +170,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "classes": ("m2", "cvae"),
     "alpha": ("m2",),
     "condition": ("cvae", "cvae_baseline"),
+    "decoder_reads_condition": ("cvae",),
     "given": ("cvae", "cvae_baseline"),
     "baseline_run": ("cvae",),
     "clusters": ("gmvae",),

@@ -260,3 +260,33 @@ def test_baseline_run_bad_input_is_one_line(tmp_path, capsys, digits_run):
         load_config({"model": {"kind": "vae", "baseline_run": "x"}})
     with pytest.raises(ConfigError, match='baseline_run applies to model.condition = "quadrants"'):
         load_config({"model": {**LABEL["model"], "baseline_run": "x"}})
+
+
+def test_decoder_reading_z_alone_ignores_the_given_pixels_given_z():
+    """`model.decoder_reads_condition = false` (the generation net of Pyro's CVAE example):
+    p(x_missing | z) reads z alone, so with z fixed the likelihood's parameters do not change
+    with the given pixels; the given pixels still move p(z | x_g), and the label CVAE refuses it."""
+    raw = {"model": {**QUADRANTS["model"], "decoder_reads_condition": False}}
+    _, data, cvae = _built(raw)
+    first = next(m for m in cvae.decoder.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 4  # latent_dim: no condition columns
+    x = data.x_test[:6]
+    z = torch.randn(6, 4)
+    c1, _ = cvae._condition(x, None, 1)
+    c2, _ = cvae._condition(x.flip(0), None, 1)
+    assert torch.equal(cvae.decode(z, c1), cvae.decode(z, c2))
+    p1 = cvae.prior_net(cvae.prior_input(c1, cvae.given_mask(x, 1)))
+    p2 = cvae.prior_net(cvae.prior_input(c2, cvae.given_mask(x, 1)))
+    assert not torch.allclose(p1, p2)
+    # the default decoder reads [z, c]: the same z gives different pixels under another condition
+    _, _, default = _built(QUADRANTS)
+    assert not torch.allclose(default.decode(z, c1), default.decode(z, c2))
+    # the ELBO still trains and scores every count
+    cfg, data, cvae = _built({**raw, "train": {"epochs": 2, "device": "cpu"}})
+    Trainer(cvae, cfg.train, data.x_train, data.x_val, progress=False).train()
+    m = cvae.metrics(data.x_test[:20], samples=4)
+    assert set(m["conditional_nll"]) == {"1", "2", "3"}
+    with pytest.raises(ConfigError, match="decoder_reads_condition applies to model.condition"):
+        load_config({"model": {**LABEL["model"], "decoder_reads_condition": False}})
+    with pytest.raises(ConfigError, match="decoder_reads_condition applies to model.kind"):
+        load_config({"model": {"kind": "m2", "decoder_reads_condition": False}})

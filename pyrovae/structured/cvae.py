@@ -174,7 +174,10 @@ class CVAE(_Quadrants):
         if model_config.baseline_run is not None:
             self.baseline = Frozen(build_network(model_config.encoder, (d,), (p * d,), name="model.encoder"))
         self.encoder = build_network(model_config.encoder, (d + c_dim,), (2 * k,), name="model.encoder")
-        self.decoder = build_network(model_config.decoder, (k + c_dim,), (p * d,), name="model.decoder")
+        #: `model.decoder_reads_condition = false`: p(x | z) reads z alone (Pyro's example)
+        self.decoder_reads_c = model_config.decoder_reads_condition is not False
+        dec_in = k + c_dim if self.decoder_reads_c else k
+        self.decoder = build_network(model_config.decoder, (dec_in,), (p * d,), name="model.decoder")
         self.pyro_name = f"cvae{next(_ids)}"
 
     def _condition(self, x, y, given):
@@ -242,7 +245,7 @@ class CVAE(_Quadrants):
                 prior = self._normal(self.prior_net(self.prior_input(c, gmask)), k)
             with latent_weight(beta):
                 z = pyro.sample("z", prior)
-            raw = forward_concat(self.decoder, z, c)
+            raw = self.decode(z, c)
             if gmask is None:
                 pyro.sample("x", self.likelihood(self._unflatten(raw)), obs=x)
             else:
@@ -257,6 +260,11 @@ class CVAE(_Quadrants):
 
     def _unflatten(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.reshape(*raw.shape[:-1], self.likelihood.params_per_feature, self.data_dim)
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The likelihood's raw parameters from $[z, c]$, or from $z$ alone with
+        `model.decoder_reads_condition = false`."""
+        return forward_concat(self.decoder, z, c) if self.decoder_reads_c else self.decoder(z)
 
     @torch.no_grad()
     def sample(self, n: int, label: int | None = None) -> torch.Tensor:
@@ -279,7 +287,7 @@ class CVAE(_Quadrants):
             y = torch.full((n,), label, device=device)
         c = one_hot(y, self.classes).float()
         z = torch.randn(n, self.latent_dim, device=device)
-        return self.likelihood.mean(self._unflatten(forward_concat(self.decoder, z, c)))
+        return self.likelihood.mean(self._unflatten(self.decode(z, c)))
 
     @torch.no_grad()
     def complete(self, x: torch.Tensor, given: int) -> torch.Tensor:
@@ -293,7 +301,7 @@ class CVAE(_Quadrants):
             )
         c, gmask = self._condition(x, None, given)
         z = self._normal(self.prior_net(self.prior_input(c, gmask)), self.latent_dim).sample()
-        mean = self.likelihood.mean(self._unflatten(forward_concat(self.decoder, z, c)))
+        mean = self.likelihood.mean(self._unflatten(self.decode(z, c)))
         return torch.where(gmask, x, mean)
 
     @torch.no_grad()
