@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--eval-k", type=int, default=64, help="IWAE samples per test image")
     p.add_argument("--eval-points", type=int, default=10000, help="test images scored")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--cvae-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for the CVAE only, e.g. model.decoder_reads_condition=false")
     p.add_argument("--baseline-prior", action="store_true",
                    help="the CVAE's prior net reads the baseline's prediction (model.baseline_run)")
     p.add_argument("--separate", action="store_true", help="one baseline and one CVAE per count")
@@ -149,6 +151,8 @@ def main() -> None:
                     f"train.device={json.dumps(a.device)}", f"model.given={json.dumps(given)}", *grey, *a.set]
             if a.root:
                 sets.append(f"data.root={json.dumps(a.root)}")
+            if kind == "cvae":
+                sets += a.cvae_set
             if kind == "cvae" and a.baseline_prior:  # the baseline trained above, copied in
                 sets.append('model.baseline_run="(the baseline trained above)"')
             cfg = load_config(ROOT / "examples" / "configs" / "mnist_cvae.toml", sets)
