@@ -195,6 +195,10 @@ class TrainConfig(_Section):
     #: scaled to its size so the loss stays unbiased (`pyrovae.train.LabelledBatches`);
     #: 0 (default): plain random minibatches over all training points
     labelled_per_batch: int = Field(0, ge=0)
+    #: semi-supervised models: the labelled points in minibatches of their own, spread over each
+    #: epoch between the unlabelled ones (Pyro's SS-VAE example), every point weighted so the
+    #: epoch's mean loss is the full-data objective (`pyrovae.train.SeparateLabelledBatches`)
+    labelled_batches: bool = False
     #: learning-rate schedule, a function of the epoch e = 0, 1, ... only (so resuming and
     #: chunked training see the same rates): lr_e = max(lr_min, lr * lr_decay**e), i.e.
     #: `torch.optim.lr_scheduler.ExponentialLR(gamma=lr_decay)` with a floor. 1.0: constant
@@ -228,6 +232,11 @@ class TrainConfig(_Section):
                 f"labelled_per_batch ({self.labelled_per_batch}) must be smaller than batch_size "
                 f"({self.batch_size}): a minibatch holds both labelled and unlabelled points"
             )
+        if self.labelled_batches and self.labelled_per_batch:
+            raise ValueError(
+                f"labelled_batches = true puts the labelled points in minibatches of their own; "
+                f"labelled_per_batch = {self.labelled_per_batch} mixes them in: set one of them"
+            )
         return self
 
 
@@ -248,6 +257,11 @@ class Config(_Section):
         if self.train.labelled_per_batch and self.model.kind != "m2":
             raise ValueError(
                 "train.labelled_per_batch: applies to semi-supervised models (model.kind = "
+                f'"m2", with data.labels); got model.kind = {self.model.kind!r}'
+            )
+        if self.train.labelled_batches and self.model.kind != "m2":
+            raise ValueError(
+                "train.labelled_batches: applies to semi-supervised models (model.kind = "
                 f'"m2", with data.labels); got model.kind = {self.model.kind!r}'
             )
         needs = {"gmvae": ("trace_enum",), "hvae": ("trace_elbo", "trace_enum", "iwae")}

@@ -134,6 +134,60 @@ class LabelledBatches:
         return idx, (w * len(idx) / self.n).to(perm.device)
 
 
+class SeparateLabelledBatches:
+    r"""Labelled and unlabelled points in minibatches of their own (`train.labelled_batches`),
+    the schedule of Pyro's SS-VAE example.
+
+    An epoch is $S = \lceil N_u/B \rceil + \lceil N_l/B \rceil$ steps: the unlabelled points
+    in the trainer's checkpointed epoch order, $B$ at a time, and the labelled points (a
+    permutation seeded by `(train.seed, e)`) in $\lceil N_l/B \rceil$ minibatches of their
+    own at steps $1 + \lfloor jS/\lceil N_l/B \rceil \rfloor$, $j = 0, 1, \dots$ (with 100
+    labels and $B = 200$: step 2 of 251, where the example puts its one labelled batch). A
+    labelled minibatch's loss is $-\sum_b [\mathcal L(x_b, y_b) + \alpha \log q(y_b \mid x_b)]$
+    alone, so the classifier term takes its own optimizer step, not summed with the unlabelled
+    term's gradient.
+
+    Every point is weighted $S$: each is seen once per epoch, so the mean of an epoch's $S$
+    step losses is the full-data objective $\sum_n \ell_n$ (each single step is not an
+    unbiased estimate of it, as a mixed minibatch is; the epoch is). The weights reach the
+    model as `poutine.scale(scale=S B_s / N)` on top of its data plate's $N/B_s$.
+    """
+
+    def __init__(self, y_train: torch.Tensor, batch_size: int, seed: int) -> None:
+        labelled = y_train >= 0
+        self.is_labelled, self.labelled = labelled, labelled.nonzero().flatten()
+        self.n_l, self.n = int(labelled.sum()), int(y_train.numel())
+        self.n_u, self.b, self.seed = self.n - self.n_l, batch_size, seed
+        if self.n_l == 0 or self.n_u == 0:
+            raise ConfigError(
+                "train.labelled_batches = true: expected training labels with both labelled and "
+                f"unlabelled (-1) points; got {self.n_l} labelled of {self.n} (set data.labels)"
+            )
+        self.s_u, self.s_l = math.ceil(self.n_u / batch_size), math.ceil(self.n_l / batch_size)
+        total = self.s_u + self.s_l
+        #: the steps of an epoch that take a labelled minibatch
+        self.positions = [1 + (j * total) // self.s_l for j in range(self.s_l)]
+
+    def steps(self) -> int:
+        """Steps per epoch: $\\lceil N_u/B \\rceil + \\lceil N_l/B \\rceil$."""
+        return self.s_u + self.s_l
+
+    def indices(self, perm: torch.Tensor, epoch: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(idx, scale)` of minibatch `s`: its training indices (all labelled or all
+        unlabelled) and the per-point factor $S B_s / N$."""
+        if s in self.positions:
+            j = self.positions.index(s)
+            key = np.random.SeedSequence([self.seed, epoch, 0x5E9]).generate_state(2, np.uint32)
+            gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+            order = self.labelled[torch.randperm(self.n_l, generator=gen).to(self.labelled.device)]
+            idx = order[j * self.b : (j + 1) * self.b]
+        else:
+            u = s - sum(p < s for p in self.positions)
+            idx = perm[~self.is_labelled[perm]][u * self.b : (u + 1) * self.b]
+        scale = torch.full((len(idx),), self.steps() * len(idx) / self.n)
+        return idx, scale.to(perm.device)
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(f"non-finite loss {value} at epoch {epoch + 1}, step {step + 1}")
@@ -197,6 +251,18 @@ class Trainer:
             self.schedule = LabelledBatches(
                 self.y_train, config.batch_size, config.labelled_per_batch, config.seed
             )
+        if config.labelled_batches:
+            if self.y_train is None or not getattr(model, "partial_labels", False):
+                raise ConfigError(
+                    "train.labelled_batches = true: expected a semi-supervised model "
+                    "(partial_labels) trained with labels y_train"
+                )
+            if world is not None and world.size > 1:
+                raise ConfigError(
+                    f"train.labelled_batches = true: expected one process; got {world.size} "
+                    "(set it to false to train data-parallel)"
+                )
+            self.schedule = SeparateLabelledBatches(self.y_train, config.batch_size, config.seed)
         self.loss_fn = make_loss(model, config.objective, config.num_particles)
         self.world, self.rank, self.world_size = world, 0, 1
         if world is not None:  # the loss under DDP's gradient averaging (one module per rank)
@@ -329,7 +395,7 @@ class Trainer:
 
     def batch_scale(self, s: int) -> torch.Tensor | None:
         """Per-point loss factors of minibatch `s` under `train.labelled_per_batch`
-        (`LabelledBatches.indices`); None for plain minibatches."""
+        (`LabelledBatches.indices`) or `train.labelled_batches`; None for plain minibatches."""
         if self.schedule is None:
             return None
         return self.schedule.indices(self.perm, self.epoch, s)[1]

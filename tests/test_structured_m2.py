@@ -203,7 +203,8 @@ def test_example_configs_build(name):
 
 
 # ---- train.labelled_per_batch: k labelled + (B - k) unlabelled points per minibatch ----------
-def _trainer(k=4, batch_size=16, epochs=1, labels=12, limit=60, callbacks=(), particles=1, lr=3e-3):
+def _trainer(k=4, batch_size=16, epochs=1, labels=12, limit=60, callbacks=(), particles=1, lr=3e-3,
+             separate=False):
     from pyrovae.build import build_model
     from pyrovae.train import Trainer
 
@@ -214,7 +215,8 @@ def _trainer(k=4, batch_size=16, epochs=1, labels=12, limit=60, callbacks=(), pa
             "train": {
                 **SMALL["train"],
                 "batch_size": batch_size,
-                "labelled_per_batch": k,
+                "labelled_per_batch": 0 if separate else k,
+                "labelled_batches": separate,
                 "epochs": epochs,
                 "num_particles": particles,
                 "lr": lr,
@@ -352,3 +354,73 @@ def test_labelled_per_batch_bad_values_are_one_line_errors():
 
     with pytest.raises(ConfigError, match="both labelled and unlabelled .-1. points; got 3 labelled of 3"):
         LabelledBatches(torch.tensor([0, 1, 2]), batch_size=2, k=1, seed=0)
+
+
+# ---- train.labelled_batches: labelled points in minibatches of their own ------------------
+def test_separate_labelled_batches_cover_every_point_once_with_weight_s():
+    """12 labelled and 48 unlabelled points, B = 10: an epoch is 5 unlabelled + 2 labelled
+    minibatches (the labelled ones at steps 1 and 4, counting from 0), each all-labelled or
+    all-unlabelled, every point once, each weighted S = 7."""
+    rec = _Record()
+    trainer, data = _trainer(batch_size=10, labels=12, limit=60, callbacks=[rec], separate=True)
+    y = data.y_train
+    assert trainer.steps_per_epoch() == 7 and trainer.schedule.positions == [1, 4]
+    trainer.train()
+    assert len(rec.rows) == 7
+    seen = []
+    for s, (_, idx, scale) in enumerate(rec.rows):
+        lab = y[idx] >= 0
+        assert lab.all() if s in (1, 4) else not lab.any(), s
+        torch.testing.assert_close(scale * len(y) / len(idx), torch.full((len(idx),), 7.0))
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(y)))
+
+
+def test_separate_labelled_batches_epoch_loss_is_the_full_data_loss():
+    """The mean of an epoch's step losses is the full-data loss per datapoint (TraceEnum with
+    many particles so both sides are near their expectations); the plain N/B weights would
+    count the 4 labelled points, alone in their minibatch, 28/4 / (28/8) = 2 times over."""
+    losses = []
+
+    class Keep(_Record):
+        def on_loss(self, trainer, loss):
+            losses.append(float(loss.detach()))
+            return loss
+
+    trainer, data = _trainer(batch_size=8, labels=4, limit=28, callbacks=[Keep()], particles=400,
+                             lr=1e-9, separate=True)
+    y, x = data.y_train, data.x_train
+    assert trainer.steps_per_epoch() == 4  # 3 unlabelled minibatches (8, 8, 8) + 1 labelled (4)
+    trainer.train()
+    m2 = trainer.model
+    elbo = make_elbo("trace_enum", num_particles=400)
+    per_point = [elbo.differentiable_loss(m2.model, m2.guide, x[i : i + 1], y=y[i : i + 1]).item()
+                 for i in range(28)]
+    full = sum(per_point) / 28
+    assert abs(sum(losses) / 4 - full) < 0.02 * abs(full), (losses, full)
+    lab = sum(p for p, yi in zip(per_point, y.tolist(), strict=True) if yi >= 0) / 28
+    assert abs(lab) > 0.1 * abs(full)  # the labelled term is not negligible: the test can fail
+
+
+def test_separate_labelled_batches_resume_and_bad_values():
+    full = _Record()
+    _trainer(epochs=2, callbacks=[full], batch_size=10, separate=True)[0].train()
+    part = _Record(stop_after=3)
+    trainer, _ = _trainer(epochs=2, callbacks=[part], batch_size=10, separate=True)
+    assert trainer.train() is False
+    resumed, _ = _trainer(epochs=2, callbacks=[rest := _Record()], batch_size=10, separate=True)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.train() is True
+    rows = part.rows + rest.rows
+    assert len(rows) == len(full.rows) == 14
+    for (e1, i1, s1), (e2, i2, s2) in zip(rows, full.rows, strict=True):
+        assert e1 == e2 and torch.equal(i1, i2) and torch.equal(s1, s2)
+    assert not torch.equal(full.rows[1][1], full.rows[8][1])  # a new labelled order per epoch
+    with pytest.raises(ConfigError, match="labelled_batches = true puts the labelled points"):
+        load_config({**SMALL, "train": {**SMALL["train"], "labelled_per_batch": 4, "labelled_batches": True}})
+    with pytest.raises(ConfigError, match="train.labelled_batches: applies to semi-supervised"):
+        load_config({"train": {"labelled_batches": True}})
+    from pyrovae.train import SeparateLabelledBatches
+
+    with pytest.raises(ConfigError, match="both labelled and unlabelled .-1. points; got 0 labelled of 3"):
+        SeparateLabelledBatches(torch.tensor([-1, -1, -1]), batch_size=2, seed=0)
