@@ -118,6 +118,9 @@ def main() -> None:
     p.add_argument("--labelled-per-batch", type=int, default=None,
                    help="labelled points in every minibatch (train.labelled_per_batch; default: the "
                         "config's, 10; 0: random minibatches)")
+    p.add_argument("--labelled-batches", action="store_true",
+                   help="train.labelled_batches = true (the labelled points in minibatches of their own, "
+                        "as Pyro's SS-VAE example; sets labelled_per_batch = 0)")
     p.add_argument("--alpha", type=float, default=None, help="model.alpha (default: the config's, 5000)")
     p.add_argument("--checkpoint", default=None, help="folder for per-epoch trainer states (resume)")
     p.add_argument("--grey", action="store_true",
@@ -160,6 +163,8 @@ def main() -> None:
             sets += ['data.binarize="none"', 'model.likelihood={kind="bernoulli_cross_entropy"}']
         if a.labelled_per_batch is not None:
             sets.append(f"train.labelled_per_batch={a.labelled_per_batch}")
+        if a.labelled_batches:
+            sets += ["train.labelled_per_batch=0", "train.labelled_batches=true"]
         if a.alpha is not None:
             sets.append(f"model.alpha={a.alpha}")
         if a.root:
@@ -175,7 +180,8 @@ def main() -> None:
         rows: list = list(old["epochs"]) if resume else []
         spent = rows[-1]["seconds"] if rows else 0.0
         res["runs"][name] = {"objective": objective, "seed": seed, "epochs": rows, "finished": False,
-                             "labelled_per_batch": cfg.train.labelled_per_batch, "alpha": model.alpha}
+                             "labelled_per_batch": cfg.train.labelled_per_batch,
+                             "labelled_batches": cfg.train.labelled_batches, "alpha": model.alpha}
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
         splits = {"test": (x_test, y_test)}
         if data.y_val is not None and len(data.y_val):
