@@ -170,7 +170,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "classes": ("m2", "cvae"),
     "alpha": ("m2",),
     "condition": ("cvae", "cvae_baseline"),
-    "decoder_reads_condition": ("cvae",),
+    # the baseline has no z and ignores it, so one config file serves the CVAE and its baseline
+    "decoder_reads_condition": ("cvae", "cvae_baseline"),
     "given": ("cvae", "cvae_baseline"),
     "baseline_run": ("cvae",),
     "clusters": ("gmvae",),

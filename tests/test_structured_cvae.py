@@ -290,3 +290,6 @@ def test_decoder_reading_z_alone_ignores_the_given_pixels_given_z():
         load_config({"model": {**LABEL["model"], "decoder_reads_condition": False}})
     with pytest.raises(ConfigError, match="decoder_reads_condition applies to model.kind"):
         load_config({"model": {"kind": "m2", "decoder_reads_condition": False}})
+    # one config file serves the CVAE and its baseline (which has no z and ignores the field)
+    base = _built({"model": {**raw["model"], "kind": "cvae_baseline"}})[2]
+    assert base.metrics(data.x_test[:5])["conditional_nll"].keys() == {"1", "2", "3"}
