@@ -97,7 +97,8 @@ def git_commit() -> str:
 def public_args(argv: list[str]) -> list[str]:
     """The command line with the machine's paths as placeholders (`<mnist-root>`, `<folder>`, and
     `<out.json>` for an absolute `--out`)."""
-    out, hide = [], {"--root": "<mnist-root>", "--checkpoint": "<folder>", "--out": "<out.json>"}
+    out, hide = [], {"--root": "<mnist-root>", "--checkpoint": "<folder>", "--out": "<out.json>",
+                     "--codes-from": "<m1-run>"}
     for i, arg in enumerate(argv):
         secret = i and argv[i - 1] in hide and not (argv[i - 1] == "--out" and not Path(arg).is_absolute())
         out.append(hide[argv[i - 1]] if secret else arg)
@@ -125,6 +126,10 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="folder for per-epoch trainer states (resume)")
     p.add_argument("--grey", action="store_true",
                    help="the example's data: grey levels (not binarized) under the Bernoulli cross-entropy")
+    p.add_argument("--config", default=str(ROOT / "examples" / "configs" / "mnist_m2.toml"),
+                   help="the M2 config (default examples/configs/mnist_m2.toml; M1+M2: mnist_m1m2.toml)")
+    p.add_argument("--codes-from", default=None,
+                   help="data.codes_from: the run folder of the trained VAE M1 whose codes M2 models")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="JSON results (default benchmarks/results/<device>/structured_m2.json)")
     a = p.parse_args()
@@ -138,7 +143,10 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
         command="python benchmarks/structured_m2.py " + " ".join(public_args(sys.argv[1:])),
 
-        data="grey levels, Bernoulli cross-entropy" if a.grey else "dynamically binarized, Bernoulli",
+        config=str(Path(a.config).resolve().relative_to(ROOT)) if Path(a.config).resolve().is_relative_to(ROOT)
+        else Path(a.config).name,
+        data="codes of the VAE M1 (data.codes_from)" if a.codes_from or "m1m2" in a.config
+        else "grey levels, Bernoulli cross-entropy" if a.grey else "dynamically binarized, Bernoulli",
         published={"100": 0.9319, "600": 0.9437, "1000": 0.9487, "3000": 0.9582, "sampled_y": 0.20},
     )
 
@@ -169,7 +177,9 @@ def main() -> None:
             sets.append(f"model.alpha={a.alpha}")
         if a.root:
             sets.append(f"data.root={json.dumps(a.root)}")
-        cfg = load_config(ROOT / "examples" / "configs" / "mnist_m2.toml", sets)
+        if a.codes_from:
+            sets.append(f"data.codes_from={json.dumps(a.codes_from)}")
+        cfg = load_config(a.config, sets)
         pyro.set_rng_seed(seed)
         data = load_data(cfg.data, seed=seed)
         model = build_model(cfg, data.shape)
@@ -191,7 +201,7 @@ def main() -> None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(model, cfg.train, data.x_train, data.x_val, dynamic_binarize=cfg.data.binarize == "dynamic", device=device,
                           callbacks=[Deadline(budget, spent, splits, rows, save, ckpt)], progress=False,
-                          y_train=data.y_train)
+                          y_train=data.y_train, x_train_scale=data.x_train_scale)
         if resume:
             trainer.load_state_dict(torch.load(ckpt, weights_only=False))
             print(f"{name}: resumed after epoch {trainer.epoch} ({spent:.0f} s spent)", flush=True)

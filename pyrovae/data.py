@@ -138,6 +138,18 @@ class DataConfig(BaseModel):
         "of this many training points and mark the others unlabelled (label -1); unset = every "
         "training label is kept",
     )
+    codes_from: str = Field(
+        "",
+        description="a run folder of a trained VAE (kind = 'vae', Gaussian guide): every point is "
+        "replaced by its code under that run's q(z|x), and the model trains on the codes (M1+M2 of "
+        "Kingma et al. 2014: M2 on the codes of the VAE M1); '' = the points themselves",
+    )
+    codes: Literal["sample", "mean"] = Field(
+        "sample",
+        description="with codes_from: 'sample' draws every training code afresh from q(z|x) each "
+        "time its minibatch is drawn (validation and test: the posterior means); 'mean': the "
+        "posterior means everywhere",
+    )
 
 
 #: `data.memory_map = "auto"` maps a training split larger than this (float32 bytes)
@@ -257,6 +269,9 @@ class Dataset:
     y_val: torch.Tensor | None
     y_test: torch.Tensor | None
     binarize: str
+    #: `data.codes = "sample"`: the posterior scales of the training codes; each minibatch is then
+    #: drawn afresh as `x_train + x_train_scale * eps`, `eps ~ N(0, I)` (see `encode_with_run`)
+    x_train_scale: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -277,6 +292,7 @@ class Dataset:
             y_train=move(self.y_train),
             y_val=move(self.y_val),
             y_test=move(self.y_test),
+            x_train_scale=move(self.x_train_scale),
         )
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -1088,7 +1104,70 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Dataset:
     )
     if cfg.labels is not None:
         ds = replace(ds, y_train=labelled_subset(ds.y_train, cfg.labels, seed, src.where))
+    if cfg.codes_from:
+        return encode_with_run(ds, cfg.codes_from, cfg.codes, cfg.binarize)
     return _binarize(ds, seed)
+
+
+def encode_with_run(ds: Dataset, run_dir: str, codes: str = "sample", binarize: str = "none") -> Dataset:
+    r"""`ds` with every point $x$ replaced by its code under the trained VAE in `run_dir`
+    (`data.codes_from`): M1 of Kingma et al.'s M1+M2 ("Semi-Supervised Learning with Deep
+    Generative Models", 2014), whose M2 then models the codes instead of the pixels.
+
+    The VAE's guide is Gaussian, $q(z \mid x) = \mathcal N(\mu_\phi(x), \mathrm{diag}\,
+    \sigma_\phi^2(x))$. Validation and test points become $\mu_\phi(x)$. Training points
+    become $\mu_\phi(x)$ too, and with `codes = "sample"` (the paper's protocol) the dataset
+    also keeps $\sigma_\phi(x)$ (`x_train_scale`), so that the trainer draws every minibatch
+    afresh, $z = \mu + \sigma \odot \varepsilon$, as dynamic binarization redraws pixels.
+    The images are encoded as they are loaded (grey levels: the probabilities a binarized VAE
+    saw on average), so `binarize` must be `"none"`. Labels and splits are unchanged.
+    """
+    from pyrovae.errors import PyroVAEError
+    from pyrovae.runs import load_run
+
+    if binarize != "none":
+        raise DataError(
+            f"data.binarize: expected 'none' with data.codes_from (the codes are real-valued; the "
+            f"images are encoded as grey levels), got '{binarize}'"
+        )
+    try:
+        run = load_run(run_dir)
+    except PyroVAEError as e:
+        raise DataError(f"data.codes_from: cannot load the run '{run_dir}': {e}") from None
+    model = run.model.cpu().eval()
+    kind = run.config.model.kind
+    guide = getattr(getattr(run.config.model, "guide", None), "kind", None)
+    if kind != "vae" or guide != "normal":
+        raise DataError(
+            f"data.codes_from: expected a run of kind = 'vae' with the Gaussian guide "
+            f"(guide.kind = 'normal'), got kind = '{kind}'"
+            + (f", guide.kind = '{guide}'" if guide else "")
+            + f" in '{run_dir}'"
+        )
+    if tuple(model.data_shape) != tuple(ds.shape):
+        raise DataError(
+            f"data.codes_from: the run '{run_dir}' was trained on points of shape "
+            f"{tuple(model.data_shape)}; this dataset's points have shape {tuple(ds.shape)}"
+        )
+
+    @torch.no_grad()
+    def encode(x) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [model.posterior.encode(b) for c in row_chunks(x) for b in c.split(4096)] or [
+            (torch.zeros(0, model.latent_dim),) * 2
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    loc, scale = encode(ds.x_train)
+    return replace(
+        ds,
+        name=f"{ds.name} codes ({run_dir})",
+        shape=(model.latent_dim,),
+        x_train=loc,
+        x_val=encode(ds.x_val)[0],
+        x_test=encode(ds.x_test)[0],
+        binarize="none",
+        x_train_scale=scale if codes == "sample" else None,
+    )
 
 
 def labelled_subset(y: torch.Tensor | None, n: int, seed: int, where: str) -> torch.Tensor:

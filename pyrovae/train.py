@@ -220,12 +220,24 @@ class Trainer:
         y_train: torch.Tensor | None = None,
         y_val: torch.Tensor | None = None,
         world: World | None = None,
+        x_train_scale: torch.Tensor | None = None,
     ) -> None:
         self.config, self.device = config, torch.device(device)
         self.model = model.to(self.device)
         self.x_train = x_train.to(self.device)
         self.x_val = x_val.to(self.device) if x_val is not None else self.x_train[:0]
         self.n, self.dynamic = self.x_train.shape[0], dynamic_binarize
+        #: codes drawn afresh per minibatch (`data.codes = "sample"`): x_train + scale * eps
+        self.x_train_scale = None
+        if x_train_scale is not None:
+            if x_train_scale.shape != self.x_train.shape:
+                raise ConfigError(
+                    f"x_train_scale: expected the shape of x_train, {tuple(self.x_train.shape)}; "
+                    f"got {tuple(x_train_scale.shape)}"
+                )
+            if dynamic_binarize:
+                raise ConfigError("x_train_scale: codes cannot also be binarized (dynamic_binarize)")
+            self.x_train_scale = x_train_scale.to(self.device)
         self.callbacks, self.progress = list(callbacks), progress
         self.sync_every = sync_every or (1 if self.device.type == "cpu" else CUDA_SYNC_EVERY)
         self.is_vae = hasattr(model, "guide")
@@ -376,8 +388,13 @@ class Trainer:
 
     def batch(self, s: int) -> torch.Tensor:
         """This rank's share of minibatch `s` of the current epoch order (binarized afresh when
-        dynamic); the whole minibatch in one process."""
-        x = self.x_train.index_select(0, self.batch_indices(s))
+        dynamic; codes drawn afresh, `x + x_train_scale * eps`, with `x_train_scale`); the
+        whole minibatch in one process."""
+        idx = self.batch_indices(s)
+        x = self.x_train.index_select(0, idx)
+        if self.x_train_scale is not None:
+            eps = torch.randn(x.shape, generator=self.noise_gen, device=self.noise_gen.device)
+            return x + self.x_train_scale.index_select(0, idx) * eps.to(x.device, x.dtype)
         return bernoulli(x, self.noise_gen) if self.dynamic else x
 
     def batch_labels(self, s: int) -> torch.Tensor | None:

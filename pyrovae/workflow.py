@@ -323,6 +323,7 @@ def _fit_locked(
         y_train=data.y_train,
         y_val=data.y_val,
         world=world,
+        x_train_scale=data.x_train_scale,
     )
     try:
         if state is not None:
