@@ -239,8 +239,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             model.decode_prior_draws(args.n, torch.Generator().manual_seed(args.seed)),
             "AE decoder(z), z ~ N(0, I)",
         )
-    out = Path(args.out)
     shape = model.data_shape
+    if run.config.data.codes_from:  # a model of a VAE's codes (M1+M2): show what they decode to
+        try:
+            m1 = load_run(run.config.data.codes_from).model.to(x.device).eval()
+        except PyroVAEError as e:
+            raise PyroVAEError(f"data.codes_from of {args.run_dir}: {e}") from None
+        with torch.no_grad():
+            x, shape = m1.decode(x), m1.data_shape
+        title += f", decoded by {run.config.data.codes_from}"
+    out = Path(args.out)
     if out.suffix.lower() == ".npy":
         import numpy as np
 

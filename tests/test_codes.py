@@ -116,6 +116,12 @@ def test_m2_on_codes_through_the_cli(vae_run, tmp_path, capsys):
     # 50 labels of 10 classes on 6-dim codes: far above chance (0.1)
     assert m["test_accuracy"] > 0.4 and math.isfinite(m["test_elbo"])
     assert pyrovae.load_run(run).model.data_shape == (6,)
+    # samples of a label are codes, shown as the images M1 decodes them to
+    out = tmp_path / "threes.npy"
+    assert main(["sample", str(run), "-n", "5", "--label", "3", "--out", str(out), "-q"]) == 0
+    x = np.load(out)
+    assert x.shape == (5, 1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "g.png"), "-q"]) == 0
 
 
 def test_bad_codes_inputs_are_one_line_errors(vae_run, tmp_path, capsys):
