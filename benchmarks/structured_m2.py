@@ -30,6 +30,13 @@ already spent counted against its share.
     python benchmarks/structured_m2.py --root <mnist-root> --minutes 45 --draws 1 \\
         --labelled-per-batch 10 --checkpoint <folder>
     python benchmarks/structured_m2.py --root <mnist-root> --device cuda --minutes 2 --draws 3 --ablation
+
+M1+M2 (M2 on the codes of a trained VAE, `[data] codes_from`): train M1 first, then pass its run
+folder; the time M1 took counts against the hour:
+
+    pyrovae fit examples/configs/mnist_m1.toml --out runs/mnist_m1
+    python benchmarks/structured_m2.py --root <mnist-root> --config examples/configs/mnist_m1m2.toml \
+        --codes-from runs/mnist_m1 --minutes 39.5 --draws 3 --epochs 400
 """
 
 from __future__ import annotations
