@@ -82,8 +82,13 @@ class ModelConfig(_Section):
     decoder_reads_condition: Optional[bool] = None  # noqa: UP045
     #: `gmvae` only: number of mixture components K of p(z|c) (default 10)
     clusters: Optional[int] = Field(None, ge=2)  # noqa: UP045
-    #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default) or q(c|x) q(z|x) ("mean_field")
-    cluster_guide: Optional[Literal["conditional", "mean_field"]] = None  # noqa: UP045
+    #: `gmvae` only: q(c|x) q(z|x,c) ("conditional", default), q(c|x) q(z|x) ("mean_field"),
+    #: or q(z|x) q(c|z) with q(c|z) = p(c|z) ("posterior", VaDE's)
+    cluster_guide: Optional[Literal["conditional", "mean_field", "posterior"]] = None  # noqa: UP045
+    #: `gmvae` with cluster_guide "posterior": a trained VAE run folder (same latent_dim,
+    #: encoder, decoder, likelihood) whose networks start the new run, with p(z|c) fitted to its
+    #: codes (VaDE's pretraining; `pyrovae.structured.gmvae.GMVAE.before_training`)
+    init_from: Optional[str] = None  # noqa: UP045
     #: `hvae` only: sizes of the stochastic layers z_1 (next to x) ... z_L (top), L >= 2
     latent_dims: Optional[list[Annotated[int, Field(ge=1)]]] = None  # noqa: UP045
     #: `hvae` only: hidden sizes of the MLPs of p(z_l | z_{l+1}) and q(z_{l+1} | z_l)
@@ -103,6 +108,11 @@ class ModelConfig(_Section):
             raise ValueError("model.given: expected a non-empty list of 1, 2, 3")
         if self.baseline_run is not None and self.condition != "quadrants":
             raise ValueError('model.baseline_run applies to model.condition = "quadrants"')
+        if self.init_from is not None and self.cluster_guide != "posterior":
+            raise ValueError(
+                'model.init_from applies to model.cluster_guide = "posterior" (whose q(z|x) has '
+                f"the shape of a VAE's); got model.cluster_guide = {self.cluster_guide!r}"
+            )
         if self.decoder_reads_condition is not None and self.condition != "quadrants":
             raise ValueError(
                 'model.decoder_reads_condition applies to model.condition = "quadrants" (a label '
@@ -176,6 +186,7 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "baseline_run": ("cvae",),
     "clusters": ("gmvae",),
     "cluster_guide": ("gmvae",),
+    "init_from": ("gmvae",),
     "latent_dims": ("hvae",),
     "layer_hidden": ("hvae",),
 }

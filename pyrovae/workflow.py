@@ -271,8 +271,8 @@ def _fit_locked(
         distributed.check_job(cfg.train.batch_size, len(data.x_train), world)
         model = build_model(cfg, data.shape)
         check_data_for_model(model, data, f"dataset {cfg.data.dataset!r}")
-        if state is None and hasattr(model, "before_training"):  # e.g. a CVAE's frozen baseline
-            model.before_training()
+        if state is None and hasattr(model, "before_training"):  # a CVAE's frozen baseline,
+            model.before_training(data)  # a gmvae's pretrained networks and fitted p(z|c)
         if is_plugin_model(model):
             check_program(model, data.x_train[: min(2, len(data.x_train))], f"model.kind = {cfg.model.kind!r}")
         fp = None

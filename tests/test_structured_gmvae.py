@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -94,6 +95,40 @@ def test_mean_field_guide_loss_is_the_explicit_sum_over_clusters():
     assert loss.item() == pytest.approx(-per_point.sum().item(), rel=1e-12, abs=1e-9)
 
 
+def test_posterior_guide_loss_and_gradient_are_the_mixture_prior_elbo():
+    """cluster_guide = "posterior", q(z|x) q(c|z) with q(c|z) = p(c|z): the enumerated terms
+    collapse to log p(z), so the loss is -sum_b [log p(x_b|z_b) + log sum_c p(c) p(z_b|c)
+    - log q(z_b|x_b)], in value and in gradient (all parameters, through q(c|z)'s dependence
+    on z and on p(z|c)), to float64 precision."""
+    gm = gmvae(likelihood={"kind": "bernoulli"}, cluster_guide="posterior").double()
+    with torch.no_grad():  # components apart, so that q(c|z) is far from uniform
+        gm.component_loc.mul_(3.0)
+    x = torch.bernoulli(torch.full((5, 64), 0.3, dtype=torch.float64))
+    traced = poutine.trace(gm.guide)
+    loss = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(gm.model, traced, x)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    z = traced.trace.nodes["z"]["value"]
+    assert z.shape == (5, gm.latent_dim)
+    assert traced.trace.nodes["c"]["value"].reshape(-1).tolist() == list(range(gm.clusters))
+
+    loc, scale = gm.q_z(x)
+    eps = ((z - loc) / scale).detach()
+    z = loc + scale * eps  # the same draw, rebuilt as a function of the parameters
+    comps = gm.component(torch.arange(gm.clusters))
+    log_pz = torch.logsumexp(comps.log_prob(z.unsqueeze(-2)) + math.log(1 / gm.clusters), -1)
+    per_point = gm.likelihood_dist(z).log_prob(x) + log_pz - dist.Normal(loc, scale).to_event(1).log_prob(z)
+    closed = -per_point.sum()
+    want = torch.autograd.grad(closed, params)
+    assert loss.item() == pytest.approx(closed.item(), rel=1e-12, abs=1e-9)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-10)
+    # a point's cluster is argmax p(c | z = mu(x))
+    with torch.no_grad():
+        want_c = (comps.log_prob(loc.unsqueeze(-2))).argmax(-1)
+    assert torch.equal(gm.assign(x), want_c)
+
+
 def test_enumerated_loss_differs_from_one_cluster():
     """Sanity of the above: the sum is not a single cluster's term (the enumeration is real)."""
     gm = gmvae()
@@ -170,7 +205,7 @@ def test_cluster_conditioned_sample_comes_from_that_component():
         gm.sample(2, cluster=3)
 
 
-@pytest.mark.parametrize("cluster_guide", ["conditional", "mean_field"])
+@pytest.mark.parametrize("cluster_guide", ["conditional", "mean_field", "posterior"])
 def test_iwae_with_the_cluster_summed_reaches_the_closed_form_log_likelihood(cluster_guide):
     """Linear decoder and Gaussian likelihood: p(x) = sum_c p(c) N(x; W mu_c + b,
     W diag(s_c^2) W^T + sigma^2 I) exactly. With the guide fitted for 600 steps (model
@@ -263,7 +298,17 @@ def test_cluster_accuracy_protocols():
         (
             {"kind": "gmvae", "cluster_guide": "q(z|x)"},
             {"objective": "trace_enum"},
-            r"model.cluster_guide: Input should be 'conditional' or 'mean_field'",
+            r"model.cluster_guide: Input should be 'conditional', 'mean_field' or 'posterior'",
+        ),
+        (
+            {"kind": "gmvae", "init_from": "runs/m1"},
+            {"objective": "trace_enum"},
+            r"model.init_from applies to model.cluster_guide = \"posterior\".*got model.cluster_guide = None",
+        ),
+        (
+            {"kind": "vae", "init_from": "runs/m1"},
+            {},
+            r"model.init_from applies to model.kind = 'gmvae'",
         ),
         (
             {"kind": "gmvae", "latent_dims": [4, 2]},
@@ -325,3 +370,94 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
     assert p.rc == 2 and "model.clusters" in p.stderr
     assert len(p.stderr.strip().splitlines()) <= 2
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------- model.init_from (VaDE's start)
+@pytest.fixture(scope="module")
+def m1_run(tmp_path_factory):
+    """A tiny trained VAE (digits, latent 4) to start mixture VAEs from."""
+    out = tmp_path_factory.mktemp("runs") / "m1"
+    cfg = tiny_config(model={"latent_dim": 4}, train={"epochs": 60, "lr": 1e-2})
+    return pyrovae.fit(cfg, out, progress=False, figures=False)
+
+
+def vade_tiny(run_dir, **model) -> dict:
+    return tiny_config(
+        model={
+            "kind": "gmvae",
+            "clusters": 10,
+            "latent_dim": 4,
+            "cluster_guide": "posterior",
+            "init_from": str(run_dir),
+            **model,
+        },
+        train={"objective": "trace_enum", "epochs": 2},
+    )
+
+
+def test_init_from_copies_the_vae_and_fits_the_mixture_to_its_codes(m1_run):
+    """`before_training(data)` (what `fit` calls in a new run): q(z|x) and E[x|z] become the
+    VAE's; on the informative dimensions (Var_x mu > E_x sigma^2) p(z|c) is scikit-learn's
+    diagonal mixture of the posterior means, variances widened by E_x sigma^2; elsewhere every
+    component is the codes' marginal moment match."""
+    from sklearn.mixture import GaussianMixture
+
+    cfg = load_config(vade_tiny(m1_run.dir))
+    data = pyrovae.load_data(cfg.data, seed=0)
+    gm = build_model(cfg, data.shape)
+    vae = m1_run.model.cpu().eval()
+    x = data.x_test
+    with torch.no_grad():
+        assert not torch.allclose(gm.q_z(x)[0], vae.posterior.encode(x)[0])
+        gm.before_training(data)
+        q_loc, q_scale = gm.q_z(x)
+        v_loc, v_scale = vae.posterior.encode(x)
+        assert torch.allclose(q_loc, v_loc) and torch.allclose(q_scale, v_scale)
+        z = torch.randn(7, 4)
+        assert torch.allclose(gm.decode(z), vae.decode(z))
+
+        loc, scale = (t.double() for t in vae.posterior.encode(data.x_train))
+        noise, spread = scale.pow(2).mean(0), loc.var(0)
+        informative = spread > noise
+        assert 0 < int(informative.sum()) == gm.init_informative
+        ref = GaussianMixture(10, covariance_type="diag", random_state=0, max_iter=500)
+        ref.fit(loc[:, informative].numpy())
+        comps = gm.component(torch.arange(10))
+        got_loc, got_var = comps.mean.double(), comps.variance.double()
+        want = torch.as_tensor(ref.means_)
+        assert torch.allclose(got_loc[:, informative], want, atol=1e-5)
+        want_var = torch.as_tensor(ref.covariances_) + noise[informative]
+        assert torch.allclose(got_var[:, informative], want_var, rtol=1e-4, atol=1e-6)
+        rest = ~informative
+        assert torch.allclose(got_loc[:, rest], loc.mean(0)[rest].expand(10, -1), atol=1e-5)
+        assert torch.allclose(got_var[:, rest], (spread + noise)[rest].expand(10, -1), rtol=1e-4)
+
+
+def test_init_from_through_the_cli(tmp_path, server, m1_run):
+    """fit with init_from and evaluate through the CLI; a run that does not fit the model is
+    refused in one line naming the field, with no folder left behind."""
+    import tomli_w
+
+    cfg = tmp_path / "vade.toml"
+    cfg.write_text(tomli_w.dumps(vade_tiny(m1_run.dir)))
+    p = server.run("fit", str(cfg), "--out", str(tmp_path / "run"), "-q")
+    assert p.rc == 0, p.stderr
+    p = server.run("evaluate", str(tmp_path / "run"), "--json", "--iwae-samples", "10", "-q")
+    assert p.rc == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert 0.0 < out["cluster_accuracy"] <= 1.0 and math.isfinite(out["log_likelihood"])
+    for sets, match in (
+        (["model.latent_dim=3"], "model.init_from = .*: expected the run's model.latent_dim to equal this model's \\(3\\); got 4"),
+        (['model.init_from="nowhere"'], "model.init_from = 'nowhere': expected a trained VAE run folder"),
+        (['model.cluster_guide="mean_field"'], 'model.init_from applies to model.cluster_guide = "posterior"'),
+    ):
+        args = [a for s in sets for a in ("--set", s)]
+        p = server.run("fit", str(cfg), "--out", str(tmp_path / "bad"), *args)
+        assert p.rc == 2, p.stderr
+        assert re.search(match, p.stderr), p.stderr
+        assert len(p.stderr.strip().splitlines()) <= 2
+        assert not (tmp_path / "bad").exists()
+    gm_run = tmp_path / "run"
+    cfg.write_text(tomli_w.dumps(vade_tiny(gm_run)))  # a gmvae run is not a VAE
+    p = server.run("fit", str(cfg), "--out", str(tmp_path / "bad"))
+    assert p.rc == 2 and "expected a run of model.kind = 'vae' with the Gaussian guide; got kind = 'gmvae'" in p.stderr

@@ -7,7 +7,7 @@ building-block registries, so priors, likelihoods, networks and guides stay swap
 |---|---|---|---|
 | `cvae` | `cvae.py` | $p(x \mid z, c)\,p(z \mid c)$ | $q(z \mid x, c)$ |
 | `m2` | `m2.py` | $p(x \mid y, z)\,p(y)\,p(z)$, $y$ enumerated when unlabelled | $q(y \mid x)\,q(z \mid x, y)$ |
-| `gmvae` | `gmvae.py` | $p(c)\,p(z \mid c)\,p(x \mid z)$, $c$ enumerated | $q(c \mid x)\,q(z \mid x, c)$ |
+| `gmvae` | `gmvae.py` | $p(c)\,p(z \mid c)\,p(x \mid z)$, $c$ enumerated | $q(c \mid x)\,q(z \mid x, c)$ (or $q(z \mid x)\,q(c \mid z)$) |
 | `hvae` | `hvae.py` | $p(z_L) \cdots p(z_1 \mid z_2)\,p(x \mid z_1)$ | bottom-up $q(z_1 \mid x) \cdots q(z_L \mid z_{L-1})$ |
 
 The contract every class registered here follows (the trainer, evaluation and CLI rely on it):
@@ -22,8 +22,9 @@ The contract every class registered here follows (the trainer, evaluation and CL
 - optionally `metrics(x, y) -> dict[str, float]`: the model's own evaluation figures on a split
   (test accuracy, cluster accuracy, conditional NLL), merged into `pyrovae evaluate --json`
   (`y` is the split's labels, or `None` for unlabelled data);
-- optionally `before_training()`: called once by `pyrovae.fit` for a new run (not on
-  `--resume`, not by `load_run`), e.g. to copy frozen weights the config points to.
+- optionally `before_training(data)`: called once by `pyrovae.fit` for a new run (not on
+  `--resume`, not by `load_run`) with the `pyrovae.data.Dataset` about to be trained on, e.g.
+  to copy frozen weights the config points to, or to fit a prior to a pretrained model's codes.
 
 Labels (the seams in `pyrovae.train`, `pyrovae.objectives.make_loss`, `pyrovae.build`):
 

@@ -199,7 +199,7 @@ class CVAE(_Quadrants):
             guess = self.likelihood.mean(self._unflatten(self.baseline(c)))
         return torch.where(gmask, c, guess)
 
-    def before_training(self) -> None:
+    def before_training(self, data=None) -> None:
         """A new run (not a resumed one): copy the network of `model.baseline_run` (a trained
         `cvae_baseline` run of the same data shape, encoder and likelihood) into `baseline`.
         A `ConfigError` naming the field otherwise."""

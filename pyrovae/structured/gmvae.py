@@ -43,6 +43,34 @@ its own tensor dim left of the data plate).
   the optimal $q(c \mid x)$ is then $\propto \exp E_{q(z|x)}[\log p(z \mid c)\,p(c)]$, the
   responsibility of each component for the code. Its bound is looser (one code must serve all
   clusters) and a step costs about one VAE step.
+* `"posterior"`, $q(z \mid x)\,q(c \mid z)$ with $q(c \mid z) = p(c \mid z) =
+  p(c)\,p(z \mid c) / \sum_{c'} p(c')\,p(z \mid c')$, the exact posterior of the cluster given
+  the code (VaDE's $q(c \mid x)$, Jiang et al. 2017, eq. 16). With that choice the enumerated
+  terms collapse to the mixture density, $\sum_c q(c \mid z)(\log p(z \mid c) + \log p(c)
+  - \log q(c \mid z)) = \log p(z)$, so
+  $$
+  \mathrm{ELBO}(x) = E_{q(z|x)}\big[\log p(x \mid z) + \log \textstyle\sum_c p(c)\,
+  p(z \mid c) - \log q(z \mid x)\big],
+  $$
+  the best bound any $q(c \mid \cdot)$ gives for this $q(z \mid x)$; a point's cluster is
+  $\arg\max_c p(c \mid z = \mu_\phi(x))$. The encoder has no logits: it has the shape of a
+  VAE's, so `model.init_from` can start it from a trained VAE (`before_training`).
+
+**`model.init_from`: VaDE's pretraining.** Mixture VAEs trained from scratch settle in poor
+clusterings (the cluster accuracy of this model on MNIST levels off near 0.74,
+docs/structured.md); Jiang et al. start from a pretrained autoencoder and a Gaussian mixture
+fitted to its codes. `init_from = "<run folder>"` names a trained `kind = "vae"` run with the
+Gaussian guide and the same `latent_dim`, `encoder`, `decoder` and `likelihood`; a new run
+(not a resumed one) copies its encoder, decoder and likelihood, encodes the training points,
+and sets $p(z \mid c)$ to a diagonal Gaussian mixture (scikit-learn's `GaussianMixture`, EM,
+`random_state=0`) fitted to the posterior means $\mu_\phi(x)$ on the *informative*
+dimensions, those whose means vary across points more than the code varies within a point,
+$\mathrm{Var}_x\,\mu_{\phi,u}(x) > E_x\,\sigma^2_{\phi,u}(x)$. On the others every component
+is the code's marginal moment match, mean $E_x\,\mu_u$ and variance
+$\mathrm{Var}_x\,\mu_u + E_x\,\sigma^2_u$ (a diagonal mixture fitted on all 50 dimensions of
+a VAE whose other 38 have collapsed follows their tiny residual variation and finds no digits);
+the informative components also get $E_x\,\sigma^2_u$ added to their variances, so that
+$p(z \mid c)$ covers the codes $q(z \mid x)$ draws, not only their means. $p(c)$ stays uniform.
 
 `metrics(x, y)` reports `cluster_accuracy`, with each point assigned to
 $\arg\max_c q(c \mid x)$: when `clusters` equals the number of classes the best one-to-one
@@ -92,11 +120,14 @@ class GMVAE(nn.Module):
         self.data_dim = math.prod(self.data_shape)
         self.clusters = k = model_config.clusters or DEFAULT_CLUSTERS
         self.latent_dim = d = model_config.latent_dim
-        self.conditional = (model_config.cluster_guide or "conditional") == "conditional"
-        #: x -> K logits of q(c|x), then K (loc, raw scale) pairs of q(z|x, c) (one: q(z|x))
+        self.cluster_guide = model_config.cluster_guide or "conditional"
+        self.conditional = self.cluster_guide == "conditional"
+        #: x -> K logits of q(c|x) (none for "posterior"), then K (loc, raw scale) pairs of
+        #: q(z|x, c) (one: q(z|x))
         gaussians = k if self.conditional else 1
+        logits = 0 if self.cluster_guide == "posterior" else k
         self.encoder = build_network(
-            model_config.encoder, self.data_shape, (k + 2 * gaussians * d,), name="model.encoder"
+            model_config.encoder, self.data_shape, (logits + 2 * gaussians * d,), name="model.encoder"
         )
         self.likelihood = build_likelihood(model_config.likelihood, self.data_dim)
         p = self.likelihood.params_per_feature
@@ -132,6 +163,16 @@ class GMVAE(nn.Module):
         """q(c|x) q(z|x, c); `c` enumerated in parallel. Returns the sampled `z`."""
         pyro.module(self.pyro_name, self)
         with data_plate(x, n_data):
+            if self.cluster_guide == "posterior":  # q(z|x) q(c|z), q(c|z) = p(c|z)
+                loc, scale = self.q_z(x)
+                with latent_weight(beta):
+                    z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                    pyro.sample(
+                        "c",
+                        dist.Categorical(logits=self.cluster_logits(z)),
+                        infer={"enumerate": "parallel"},
+                    )
+                return z
             logits, loc, scale = self.q_params(x)
             with latent_weight(beta):
                 c = pyro.sample(
@@ -146,16 +187,96 @@ class GMVAE(nn.Module):
         """q's parameters: logits `(..., K)` of q(c|x), and loc and scale of q(z|x, c),
         `(..., K, D)` (`conditional`), or of q(z|x), `(..., D)` (`mean_field`)."""
         k, d = self.clusters, self.latent_dim
+        if self.cluster_guide == "posterior":
+            loc, scale = self.q_z(x)
+            return self.cluster_logits(loc), loc, scale
         h = self.encoder(x)
         logits, rest = h[..., :k], h[..., k:]
         if self.conditional:
             rest = rest.reshape(*h.shape[:-1], k, 2 * d)
         return logits, rest[..., :d], softplus(rest[..., d:]) + 1e-5
 
+    def q_z(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loc and scale of q(z|x), `(..., D)`, for `cluster_guide = "posterior"` (the encoder
+        laid out as a VAE's: D locs, then D raw scales)."""
+        h = self.encoder(x)
+        d = self.latent_dim
+        return h[..., :d], softplus(h[..., d:]) + 1e-5
+
+    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
+        r"""$\log p(c) + \log p(z \mid c)$ for codes `z (..., D)`, shape `(..., K)`: the
+        unnormalized log posterior $\log p(c \mid z)$."""
+        comps = self.component(torch.arange(self.clusters, device=z.device))
+        return torch.log_softmax(self.prior_logits, -1) + comps.log_prob(z.unsqueeze(-2))
+
     def component(self, c: torch.Tensor) -> dist.TorchDistribution:
         """p(z | c) for cluster indices `c` of any shape: batch shape `c.shape`, event `(D,)`."""
         scale = softplus(self.component_raw_scale) + 1e-5
         return dist.Normal(self.component_loc[c], scale[c]).to_event(1)
+
+    @torch.no_grad()
+    def before_training(self, data=None) -> None:
+        """A new run (not a resumed one) with `model.init_from`: copy the VAE run's encoder,
+        decoder and likelihood, and fit p(z|c) to its codes of `data.x_train` (the module
+        docstring has the recipe). A `ConfigError` naming the field if the run does not fit."""
+        if self.config.init_from is None:
+            return
+        from sklearn.mixture import GaussianMixture
+
+        from pyrovae.data import row_chunks
+        from pyrovae.errors import PyroVAEError
+        from pyrovae.runs import load_run
+
+        where = f"model.init_from = {self.config.init_from!r}"
+        try:
+            run = load_run(self.config.init_from)
+        except PyroVAEError as e:
+            raise ConfigError(f"{where}: expected a trained VAE run folder: {e}") from None
+        got = run.config.model
+        guide = getattr(getattr(got, "guide", None), "kind", None)
+        if got.kind != "vae" or guide != "normal":
+            raise ConfigError(
+                f"{where}: expected a run of model.kind = 'vae' with the Gaussian guide; got "
+                f"kind = {got.kind!r}" + (f", guide.kind = {guide!r}" if guide else "")
+            )
+        if tuple(run.model.data_shape) != self.data_shape:
+            raise ConfigError(
+                f"{where}: expected a VAE trained on points of shape {self.data_shape}; got "
+                f"{tuple(run.model.data_shape)}"
+            )
+        for key in ("latent_dim", "encoder", "decoder", "likelihood"):
+            if getattr(got, key) != getattr(self.config, key):
+                raise ConfigError(
+                    f"{where}: expected the run's model.{key} to equal this model's "
+                    f"({getattr(self.config, key)!r}); got {getattr(got, key)!r}"
+                )
+        vae = run.model.cpu().eval()
+        self.encoder.load_state_dict(vae.posterior.encoder.state_dict())
+        self.decoder.load_state_dict(vae.decoder.state_dict())
+        self.likelihood.load_state_dict(vae.likelihood.state_dict())
+        if data is None or len(data.x_train) < self.clusters:
+            raise ConfigError(f"{where}: needs at least {self.clusters} training points to fit p(z|c) to")
+        parts = [vae.posterior.encode(b) for c in row_chunks(data.x_train) for b in c.split(4096)]
+        loc = torch.cat([p[0] for p in parts]).double()
+        noise = torch.cat([p[1] for p in parts]).double().pow(2).mean(0)  # E_x sigma^2
+        spread = loc.var(0)  # Var_x mu
+        informative = spread > noise
+        if not informative.any():
+            raise ConfigError(
+                f"{where}: no latent dimension of the run carries information (Var_x mu <= "
+                "E_x sigma^2 in every one: the VAE has collapsed), so its codes have no clusters to fit"
+            )
+        gmm = GaussianMixture(self.clusters, covariance_type="diag", random_state=0, max_iter=500)
+        gmm.fit(loc[:, informative].numpy())
+        means = loc.mean(0).expand(self.clusters, -1).clone()
+        var = (spread + noise).expand(self.clusters, -1).clone()
+        means[:, informative] = torch.as_tensor(gmm.means_, dtype=means.dtype)
+        var[:, informative] = torch.as_tensor(gmm.covariances_, dtype=var.dtype) + noise[informative]
+        dev = self.component_loc.device
+        self.component_loc.copy_(means.to(dev))
+        self.component_raw_scale.copy_(torch.log(torch.expm1(var.sqrt() - 1e-5)).to(dev))
+        #: what the initialization did (number of informative dimensions)
+        self.init_informative = int(informative.sum())
 
     def _unflatten(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.reshape(*raw.shape[:-1], self.likelihood.params_per_feature, self.data_dim)
