@@ -20,6 +20,7 @@ from pyrovae.build import build_model
 from pyrovae.config import load_config
 from pyrovae.errors import ConfigError
 from pyrovae.structured.gmvae import GMVAE, cluster_accuracy
+from pyrovae.train import Callback
 
 MLP32 = {"kind": "mlp", "hidden": [32]}
 
@@ -461,3 +462,35 @@ def test_init_from_through_the_cli(tmp_path, server, m1_run):
     cfg.write_text(tomli_w.dumps(vade_tiny(gm_run)))  # a gmvae run is not a VAE
     p = server.run("fit", str(cfg), "--out", str(tmp_path / "bad"))
     assert p.rc == 2 and "expected a run of model.kind = 'vae' with the Gaussian guide; got kind = 'gmvae'" in p.stderr
+
+
+def test_a_resumed_run_keeps_its_trained_parameters_not_the_vae(tmp_path, m1_run):
+    """`--resume` continues from the checkpoint: the VAE run is not read again (it may be
+    gone), and the resumed model starts from the trained parameters, not from the VAE's."""
+    import shutil
+
+    vae_dir = tmp_path / "m1"
+    shutil.copytree(m1_run.dir, vae_dir)
+    cfg = vade_tiny(vae_dir)
+    cfg["train"]["epochs"] = 1
+    first = pyrovae.fit(cfg, tmp_path / "run", progress=False, figures=False)
+    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
+    shutil.rmtree(vae_dir)
+    cfg["train"]["epochs"] = 2
+
+    class FirstStep(Callback):  # the parameters the resumed run's first step starts from
+        state = None
+
+        def on_loss(self, trainer, loss):
+            if self.state is None:
+                self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            return loss
+
+    seen = FirstStep()
+    again = pyrovae.fit(cfg, tmp_path / "run", resume=True, progress=False, figures=False, callbacks=[seen])
+    assert len(again.history) == 2
+    for k, v in seen.state.items():
+        assert torch.equal(v.cpu(), trained[k].cpu()), k
+    vae_enc = m1_run.model.posterior.encoder.state_dict()
+    moved = [k for k, v in vae_enc.items() if not torch.allclose(seen.state[f"encoder.{k}"].cpu(), v.cpu())]
+    assert moved, "the first run trained the encoder away from the VAE's"
