@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -117,7 +118,10 @@ def main() -> None:
     p.add_argument("--root", default="", help="folder with the four MNIST IDX files")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for all runs")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--draws", type=int, default=3, help="label draws (seeds 0..draws-1)")
+    p.add_argument("--draws", type=int, default=3, help="label draws (seeds first..first+draws-1)")
+    p.add_argument("--first-draw", type=int, default=0,
+                   help="seed of the first draw: two processes with --first-draw 0 --draws 1 and "
+                   "--first-draw 1 --draws 2 share the work of --draws 3 (same --out)")
     p.add_argument("--labels", type=int, default=100)
     p.add_argument("--epochs", type=int, default=50, help="at most this many epochs per run")
     p.add_argument("--ablation", action="store_true", help="also train draw 0 with y sampled")
@@ -157,12 +161,17 @@ def main() -> None:
         published={"100": 0.9319, "600": 0.9437, "1000": 0.9487, "3000": 0.9582, "sampled_y": 0.20},
     )
 
+    mine: set[str] = set()  # the runs this process trains; the others' are read back from `out`
+
     def save() -> None:
-        tmp = out.with_suffix(".tmp")
+        if out.exists():  # another process (--first-draw) may have written its runs since
+            disk = json.loads(out.read_text()).get("runs", {})
+            res["runs"] = {**disk, **{k: v for k, v in res["runs"].items() if k in mine or k not in disk}}
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(out)
 
-    plan = [(f"enumerate_draw{d}", d, "trace_enum") for d in range(a.draws)]
+    plan = [(f"enumerate_draw{d}", d, "trace_enum") for d in range(a.first_draw, a.first_draw + a.draws)]
     if a.ablation:
         plan.append(("sample_y_draw0", 0, "trace_elbo"))
     todo = [r for r in plan if not res["runs"].get(r[0], {}).get("finished")]
@@ -196,7 +205,9 @@ def main() -> None:
         resume = ckpt is not None and ckpt.exists() and old.get("epochs")
         rows: list = list(old["epochs"]) if resume else []
         spent = rows[-1]["seconds"] if rows else 0.0
+        mine.add(name)
         res["runs"][name] = {"objective": objective, "seed": seed, "epochs": rows, "finished": False,
+                             "command": res["command"], "commit": res["commit"],
                              "labelled_per_batch": cfg.train.labelled_per_batch,
                              "labelled_batches": cfg.train.labelled_batches, "alpha": model.alpha}
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
@@ -224,6 +235,7 @@ def main() -> None:
         print(f"{name}: test accuracy {acc:.4f} after {len(trainer.history)} epochs, "
               f"{time.time() - t0:.0f} s", flush=True)
         save()
+    save()  # read back the runs other processes finished meanwhile
     enum = [r["test_accuracy"] for k, r in res["runs"].items() if k.startswith("enumerate") and r.get("finished")]
     if enum:
         res["enumerate_mean"] = statistics.mean(enum)
