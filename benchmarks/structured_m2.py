@@ -37,6 +37,13 @@ folder; the time M1 took counts against the hour:
     pyrovae fit examples/configs/mnist_m1.toml --out runs/mnist_m1
     python benchmarks/structured_m2.py --root <mnist-root> --config examples/configs/mnist_m1m2.toml \
         --codes-from runs/mnist_m1 --minutes 39.5 --draws 3 --epochs 400
+
+(--minutes is shared by the three draws there). Each draw in its own 39.5 minutes, two at a
+time on two cores, all three into one result file:
+
+    python benchmarks/structured_m2.py ... --minutes 39.5 --first-draw 0 --draws 1 --checkpoint <folder> --out <out.json>
+    python benchmarks/structured_m2.py ... --minutes 39.5 --first-draw 1 --draws 1 --checkpoint <folder> --out <out.json> &
+    python benchmarks/structured_m2.py ... --minutes 39.5 --first-draw 2 --draws 1 --checkpoint <folder> --out <out.json>
 """
 
 from __future__ import annotations
