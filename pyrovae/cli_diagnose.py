@@ -73,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="test points for the IWAE log-likelihood and the ELBO (0: all; default 2000)",
     )
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
+    p.add_argument(
+        "--nuts-samples", type=int, default=200, help="NUTS draws per chain (default 200)"
+    )
+    p.add_argument(
+        "--nuts-warmup", type=int, default=200, help="NUTS warm-up steps per chain (default 200)"
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -87,6 +93,8 @@ def _check(args: argparse.Namespace) -> None:
         ("gap_points", 0),
         ("chains", 1),
         ("iwae_points", 0),
+        ("nuts_samples", 4),
+        ("nuts_warmup", 0),
     ):
         v = getattr(args, name)
         if v < low:
@@ -142,6 +150,20 @@ def _print_structured(r: dict) -> None:
     )
     for name, s in r["latent_sites"].items():
         print(f"site {name}: KL {s['kl']:.3f} nats, active units {s['active_units']} of {s['dim']}")
+    nu = r.get("nuts")
+    if nu and "skipped" in nu:
+        print(f"NUTS: skipped, {nu['skipped']}")
+    elif nu:
+        print(
+            f"NUTS ({nu['chains']} chains x {nu['warmup']}+{nu['draws']}, {len(nu['points'])} "
+            f"points, given {nu['conditioned_on']}; {nu['target']}): max R-hat "
+            f"{nu['max_rhat']:.3f}, min ESS {nu['min_ess']:.0f}, {nu['divergences']} divergences"
+        )
+        for name, c in nu["sites"].items():
+            print(
+                f"  site {name}: sd ratio q/NUTS {c['mean_sd_ratio']:.2f}, mean |q - NUTS| "
+                f"{c['mean_abs_std_mean_diff']:.2f} NUTS sds"
+            )
     print(r["not_applicable"])
 
 
@@ -167,6 +189,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
         max_points=args.max_points,
         gap_points=args.gap_points,
         chains=args.chains,
+        nuts_samples=args.nuts_samples,
+        nuts_warmup=args.nuts_warmup,
         seed=args.seed,
     )
     from pyrovae.structured import STRUCTURED

@@ -444,47 +444,73 @@ def collapse_verdict(d: ELBODecomposition) -> str:
 # --------------------------------------------------------------------------------------- NUTS
 @dataclass
 class NUTSResult:
-    """NUTS draws of the latent site for a few datapoints: `z` is `(chains, draws, points, d)`."""
+    """NUTS draws for a few datapoints: `z` is the latent site's `(chains, draws, points, d)`;
+    `sites` holds every continuous latent site so (a hierarchical model's `z1`, `z2`, ...)."""
 
     z: torch.Tensor
     divergences: int
     seconds: float
     chain_method: str
     jit: bool = False
+    sites: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _latent_transforms(model, x: torch.Tensor) -> dict[str, Any] | None:
+def _continuous_latents(trace) -> dict[str, dict]:
+    """The latent sites of a trace that NUTS samples: not observed, not discrete (Pyro's NUTS
+    sums the discrete ones out by enumeration)."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if is_scored(site) and not site["is_observed"] and not site["fn"].has_enumerate_support
+    }
+
+
+def _prior_trace(model, x: torch.Tensor, kwargs: dict) -> Any:
+    """One run of the model with `x` observed, every latent site drawn (discrete ones too)."""
+    with poutine.block(), torch.no_grad():
+        return poutine.trace(model).get_trace(x, **kwargs)
+
+
+def _latent_transforms(model, x: torch.Tensor, **kwargs: Any) -> dict[str, Any] | None:
     """Unconstraining transforms Pyro cannot find itself: a mixture prior's support is a
-    `MixtureSameFamilyConstraint` (no `biject_to`); use its components' support instead."""
+    `MixtureSameFamilyConstraint` (no `biject_to`); use its components' support instead.
+    `None` when Pyro finds all; otherwise one for every continuous latent site (NUTS takes the
+    dict as complete)."""
     from torch.distributions import biject_to
 
-    with poutine.block(), torch.no_grad():
-        tr = poutine.trace(model).get_trace(x)
-    out = {}
-    for name, site in tr.nodes.items():
-        if not is_scored(site) or site["is_observed"]:
-            continue
+    out, special = {}, False
+    for name, site in _continuous_latents(_prior_trace(model, x, kwargs)).items():
         support = site["fn"].support
         try:
-            biject_to(support)
+            out[name] = biject_to(support).inv
         except NotImplementedError:
             base = getattr(support, "base_constraint", None)
             if base is None:
                 raise
-            out[name] = biject_to(base).inv
-    return out or None
+            out[name], special = biject_to(base).inv, True
+    return out if special else None
+
+
+def _prior_init(model, x: torch.Tensor, kwargs: dict):
+    """Start NUTS at one prior draw of the continuous sites (over-dispersed, any support), drawn
+    with the discrete sites sampled: `init_to_sample` would draw them under NUTS's enumeration,
+    which gives a continuous child of an enumerated parent (a gmvae's z ~ p(z | c)) the
+    enumeration dim in its shape."""
+    from pyro.infer.autoguide.initialization import init_to_value
+
+    values = {n: s["value"] for n, s in _continuous_latents(_prior_trace(model, x, kwargs)).items()}
+    return init_to_value(values=values)
 
 
 def _run_nuts(
-    model, x: torch.Tensor, site: str, num_samples: int, warmup_steps: int, jit: bool
-) -> tuple[torch.Tensor, int]:
+    model, x: torch.Tensor, num_samples: int, warmup_steps: int, jit: bool, kwargs: dict
+) -> tuple[dict[str, torch.Tensor], int]:
     from pyro.infer import MCMC, NUTS
-    from pyro.infer.autoguide.initialization import init_to_sample
 
     kernel = NUTS(
         model,
-        transforms=_latent_transforms(model, x),
-        init_strategy=init_to_sample,  # prior draws: over-dispersed starts, any support
+        transforms=_latent_transforms(model, x, **kwargs),
+        init_strategy=_prior_init(model, x, kwargs),
         jit_compile=jit,
         ignore_jit_warnings=True,
     )
@@ -497,10 +523,27 @@ def _run_nuts(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mcmc.run(x)
+        mcmc.run(x, **kwargs)
     div = mcmc.diagnostics().get("divergences", {})
     n_div = sum(len(v) for v in div.values()) if isinstance(div, dict) else 0
-    return mcmc.get_samples()[site].detach(), n_div
+    return {k: v.detach() for k, v in mcmc.get_samples().items()}, n_div
+
+
+def _per_point(draws: torch.Tensor, name: str, chains: int, n: int) -> torch.Tensor:
+    """`(S, chains * n, ...)` -> `(chains, S, n, d)`: the vectorized chains taken apart."""
+    if draws.dim() < 2 or draws.shape[1] != chains * n:
+        raise DiagnosticsError(
+            f"NUTS draws of site {name!r} have shape {tuple(draws.shape)}; expected "
+            f"(draws, {chains * n}, ...): the site's value must have one row per datapoint"
+        )
+    return draws.reshape(draws.shape[0], chains, n, -1).transpose(0, 1)
+
+
+def _repeat_rows(v: Any, times: int, n: int) -> Any:
+    """A per-datapoint tensor argument repeated like `x` (one copy per vectorized chain)."""
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+        return v.repeat(times, *([1] * (v.dim() - 1)))
+    return v
 
 
 def nuts_posterior(
@@ -510,16 +553,21 @@ def nuts_posterior(
     warmup_steps: int = 200,
     num_chains: int = 4,
     chain_method: str = "vectorized",
-    site: str = "z",
+    site: str | None = "z",
     seed: int = 0,
     jit: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> NUTSResult:
     r"""Draws of $p(z\mid x_n)$ by NUTS (`pyro.infer.MCMC`) for the datapoints `x`.
 
     The model is run with `x` observed, so NUTS targets $p(z\mid x)\propto p(x\mid z)p(z)$
     (Hoffman & Gelman 2014), the datapoints jointly (their posteriors are independent).
+    Every continuous latent site is sampled (`NUTSResult.sites`; `site` names the one in
+    `NUTSResult.z`, `None`: the first); discrete sites are summed out exactly (Pyro's NUTS
+    enumerates them), so a mixture's $p(z \mid x) = \sum_c p(z, c \mid x)$ is the target.
+    `model_kwargs` go to the model with `x` (a label `y`, a `given` count).
     `chain_method="vectorized"` stacks `num_chains` copies of `x` into one run: each copy
-    is an independent target started at its own random point, so the copies are independent
+    is an independent target started at its own prior draw, so the copies are independent
     chains that share step size and mass-matrix adaptation (one process; fast on few cores).
     `"sequential"` runs one MCMC per chain.
     """
@@ -529,40 +577,60 @@ def nuts_posterior(
         )
     pyro.set_rng_seed(seed)
     start, n = time.perf_counter(), x.shape[0]
+    kw = dict(model_kwargs or {})
     if chain_method == "vectorized":
-        draws, div = _run_nuts(
-            model,
-            x.repeat(num_chains, *([1] * (x.dim() - 1))),
-            site,
-            num_samples,
-            warmup_steps,
-            jit,
-        )
-        z = draws.reshape(num_samples, num_chains, n, -1).transpose(0, 1)
+        xs = x.repeat(num_chains, *([1] * (x.dim() - 1)))
+        kws = {k: _repeat_rows(v, num_chains, n) for k, v in kw.items()}
+        draws, div = _run_nuts(model, xs, num_samples, warmup_steps, jit, kws)
+        sites = {k: _per_point(v, k, num_chains, n) for k, v in draws.items()}
     elif chain_method == "sequential":
-        runs = [
-            _run_nuts(model, x, site, num_samples, warmup_steps, jit) for _ in range(num_chains)
-        ]
-        z, div = torch.stack([r[0] for r in runs]), sum(r[1] for r in runs)
+        runs = [_run_nuts(model, x, num_samples, warmup_steps, jit, kw) for _ in range(num_chains)]
+        sites = {
+            k: torch.stack([_per_point(r[0][k], k, 1, n)[0] for r in runs]) for k in runs[0][0]
+        }
+        div = sum(r[1] for r in runs)
     else:
         raise DiagnosticsError(
             f"chain_method: expected 'vectorized' or 'sequential', got {chain_method!r}"
         )
-    return NUTSResult(z, div, time.perf_counter() - start, chain_method, jit)
+    if not sites:
+        raise DiagnosticsError("NUTS found no continuous latent site in the model")
+    if site is not None and site not in sites:
+        raise DiagnosticsError(f"site {site!r}: not a continuous latent site; got {list(sites)}")
+    z = sites[site if site is not None else next(iter(sites))]
+    return NUTSResult(z, div, time.perf_counter() - start, chain_method, jit, sites)
 
 
 @torch.no_grad()
 def guide_draws(guide, x: torch.Tensor, num_samples: int) -> torch.Tensor:
     """`num_samples` draws of the guide's latent site per datapoint, `(num_samples, N, d)`."""
-    nesting = max((-f.dim for f in _guide_frames(guide, x)), default=0)
-    with poutine.block(), pyro.plate("_draws", num_samples, dim=-(nesting + 1)):
-        g = poutine.trace(guide).get_trace(x)
+    g = _vectorized_guide(guide, x, num_samples, {})
     return g.nodes[_latent_site(g)]["value"].detach()
 
 
-def _guide_frames(guide, x):
+@torch.no_grad()
+def guide_site_draws(
+    guide, x: torch.Tensor, num_samples: int, **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    r"""`num_samples` draws per datapoint of every continuous latent site of the guide,
+    `{site: (num_samples, N, d)}`; discrete sites are sampled (not enumerated), so the draws
+    are of the guide's marginal, e.g. $q(z \mid x) = \sum_y q(y \mid x)\, q(z \mid x, y)$."""
+    g = _vectorized_guide(guide, x, num_samples, kwargs)
+    return {
+        n: s["value"].detach().reshape(num_samples, x.shape[0], -1)
+        for n, s in _continuous_latents(g).items()
+    }
+
+
+def _vectorized_guide(guide, x: torch.Tensor, num_samples: int, kwargs: dict):
+    nesting = max((-f.dim for f in _guide_frames(guide, x, kwargs)), default=0)
+    with poutine.block(), pyro.plate("_draws", num_samples, dim=-(nesting + 1)):
+        return poutine.trace(guide).get_trace(x, **kwargs)
+
+
+def _guide_frames(guide, x, kwargs: dict | None = None):
     with poutine.block(), torch.no_grad():
-        g = poutine.trace(guide).get_trace(x)
+        g = poutine.trace(guide).get_trace(x, **(kwargs or {}))
     return [
         f
         for s in g.nodes.values()
@@ -609,21 +677,50 @@ def to_inference_data(
     )
 
 
-def compare_posteriors(idata: xr.DataTree) -> dict[str, Any]:
+def sites_inference_data(
+    mcmc_draws: dict[str, torch.Tensor],
+    guide_draws: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    point_ids: list[int] | None = None,
+) -> xr.DataTree:
+    """Several latent sites in one ArviZ `xarray.DataTree`: group `posterior` the MCMC draws
+    (`{site: (chains, draws, N, d)}`), `variational` the guide's (`{site: (S, N, d)}`, one
+    chain), one variable per site with dims `(chain, draw, point, <site>_dim)`."""
+    from arviz_base import from_dict
+
+    ids = point_ids if point_ids is not None else list(range(x.shape[0]))
+    arr = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+    dims = {k: ["point", f"{k}_dim"] for k in mcmc_draws} | {"x": ["point", "feature"]}
+    coords = {"point": ids} | {f"{k}_dim": list(range(v.shape[-1])) for k, v in mcmc_draws.items()}
+    return from_dict(
+        {
+            "posterior": {k: arr(v) for k, v in mcmc_draws.items()},
+            "variational": {k: arr(guide_draws[k].unsqueeze(0)) for k in mcmc_draws},
+            "observed_data": {"x": arr(x.reshape(x.shape[0], -1))},
+        },
+        dims=dims,
+        coords=coords,
+    )
+
+
+def compare_posteriors(idata: xr.DataTree, var: str = "z") -> dict[str, Any]:
     """R-hat and ESS of the MCMC chains, and NUTS vs q means and sds per point and dimension.
 
-    `idata` is what `to_inference_data(..., mcmc_draws=...)` returns. R-hat (rank-normalized,
+    `idata` is what `to_inference_data(..., mcmc_draws=...)` (or `sites_inference_data`)
+    returns, `var` the variable compared. R-hat (rank-normalized,
     split) and bulk ESS come from `arviz_stats.rhat` / `arviz_stats.ess`.
     `std_mean_diff` is (mean_q - mean_NUTS) / sd_NUTS; `sd_ratio` is sd_q / sd_NUTS (< 1:
     q is too narrow, the usual failure of KL(q||p)-fitted posteriors).
     """
     import arviz_stats
 
-    post, var = idata["posterior"]["z"], idata["variational"]["z"]
-    rhat = np.asarray(arviz_stats.rhat(idata, group="posterior")["z"].values)
-    ess = np.asarray(arviz_stats.ess(idata, group="posterior", method="bulk")["z"].values)
+    post, q = idata["posterior"][var], idata["variational"][var]
+    rhat = np.asarray(arviz_stats.rhat(idata, group="posterior", var_names=[var])[var].values)
+    ess = np.asarray(
+        arviz_stats.ess(idata, group="posterior", var_names=[var], method="bulk")[var].values
+    )
     m_p, s_p = post.mean(("chain", "draw")).values, post.std(("chain", "draw")).values
-    m_q, s_q = var.mean(("chain", "draw")).values, var.std(("chain", "draw")).values
+    m_q, s_q = q.mean(("chain", "draw")).values, q.std(("chain", "draw")).values
     return {
         "points": [int(p) for p in post["point"].values],
         "rhat": rhat.tolist(),

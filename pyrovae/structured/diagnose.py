@@ -10,12 +10,18 @@ What runs (test split, nats per datapoint):
   density: the KL per dimension, Monte Carlo
   $E_{q}\big[\log q(z_d \mid \cdot) - \log p(z_d \mid \cdot)\big]$ with the other variables
   (a class $y$, a component $c$, a parent layer) drawn from the guide, and the active units
-  (Burda et al. 2016: $\mathrm{Cov}_x\, E_q[z_d \mid x] > 0.01$).
+  (Burda et al. 2016: $\mathrm{Cov}_x\, E_q[z_d \mid x] > 0.01$);
+* the NUTS comparison on the continuous latents (`nuts_section`): NUTS draws of the exact
+  posterior of all continuous sites jointly for a few test points, the discrete sites summed
+  out by Pyro's enumeration (M2: $p(z \mid x) = \sum_y p(z, y \mid x)$, gmvae:
+  $\sum_c p(z, c \mid x)$, hvae: $p(z_1, \dots, z_L \mid x)$, cvae: $p(z \mid x, c)$ at a fixed
+  condition), against the guide's marginal draws (discrete sites sampled from the guide):
+  R-hat, bulk ESS, standardized mean difference and sd ratio per site.
 
-What does not run, and why (`not_applicable` in the results): the NUTS reference posterior
-and the amortization gap handle a single continuous latent site $z$ with $p(x \mid z)$,
-which a model with a discrete variable or several latent layers is not; the ELBO
-decomposition into I(x;z) and KL(q(z)||p(z)) assumes the prior $p(z)$ without a parent.
+What does not run, and why (`not_applicable` in the results): the amortization gap frees
+the Gaussian parameters of a single site $q(z \mid x)$ per datapoint, which a guide with a
+discrete variable or several layers does not have; the ELBO decomposition into I(x;z) and
+KL(q(z)||p(z)) assumes the prior $p(z)$ without a parent.
 """
 
 from __future__ import annotations
@@ -30,9 +36,14 @@ from pyrovae.diagnostics import (
     ACTIVE_THRESHOLD,
     DiagnoseOptions,
     Diagnosis,
+    _pick_points,
     _subset,
+    compare_posteriors,
+    guide_site_draws,
     khat_from_log_weights,
     khat_summary,
+    nuts_posterior,
+    sites_inference_data,
 )
 from pyrovae.distributed import per_point, rank
 from pyrovae.evaluate import (
@@ -46,10 +57,10 @@ from pyrovae.evaluate import (
 )
 
 NOT_APPLICABLE = (
-    "not run for structured models: the NUTS reference posterior and the amortization gap "
-    "(they handle one continuous latent site z with p(x|z); this model has a discrete variable "
-    "or several latent layers), and the ELBO decomposition into I(x;z) and KL(q(z)||p(z)) "
-    "(it assumes a prior p(z) without parents)."
+    "not run for structured models: the amortization gap (it frees the parameters of one "
+    "Gaussian q(z|x) per datapoint; this guide has a discrete variable or several latent "
+    "layers), and the ELBO decomposition into I(x;z) and KL(q(z)||p(z)) (it assumes a prior "
+    "p(z) without parents)."
 )
 
 
@@ -87,6 +98,60 @@ def kl_per_dimension(model, guide, x: torch.Tensor, samples: int = 16, **kwargs)
             "posterior_mean_variance": var.tolist(),
         }
     return out
+
+
+def _condition(model, y: torch.Tensor | None) -> tuple[dict[str, Any], str]:
+    """What NUTS and the guide condition on besides x, and its description."""
+    if getattr(model, "conditions_on_labels", False):
+        return {"y": y}, "x and its label y"
+    if getattr(model, "condition", None) == "quadrants":
+        given = sorted(model.given)[len(model.given) // 2]
+        return {"given": given}, f"the {given} given quadrant(s) of x (the missing pixels observed)"
+    return {}, "x"
+
+
+def nuts_section(run, x_all: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
+    """NUTS draws of the exact posterior of every continuous latent site (discrete sites
+    summed out) for `o.points` test points, compared per site with the guide's marginal."""
+    model = run.model
+    ids = _pick_points(x_all.shape[0], o.points, o.seed)
+    idx = torch.tensor(ids, device=x_all.device)
+    xs = x_all[idx]
+    y_test = run.data.y_test
+    kw, on = _condition(model, None if y_test is None else y_test.to(x_all.device)[idx])
+    q = guide_site_draws(model.guide, xs, o.nuts_samples * o.chains, **kw)
+    if not q:
+        return {"skipped": "the guide has no continuous latent site: nothing to compare"}
+    args = (model.model, xs, o.nuts_samples, o.nuts_warmup, o.chains)
+    opts = {"site": None, "seed": o.seed, "model_kwargs": kw}
+    try:
+        nuts = nuts_posterior(*args, jit=True, **opts)
+    except Exception:  # noqa: BLE001 - a model that does not trace runs without the JIT
+        nuts = nuts_posterior(*args, **opts)
+    idata = sites_inference_data(nuts.sites, q, xs, point_ids=ids)
+    sites = {k: compare_posteriors(idata, k) for k in nuts.sites}
+    discrete = enumerated_sites(model.model, model.guide, xs[:1], **{
+        k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+    })
+    return {
+        "chains": o.chains,
+        "draws": o.nuts_samples,
+        "warmup": o.nuts_warmup,
+        "divergences": nuts.divergences,
+        "jit": nuts.jit,
+        "seconds": nuts.seconds,
+        "points": ids,
+        "conditioned_on": on,
+        "summed_out": list(discrete),
+        "target": "the exact posterior of all continuous latent sites jointly"
+        + (f", {', '.join(discrete)} summed out by enumeration" if discrete else ""),
+        "guide": "draws of the guide's marginal over the continuous sites"
+        + (f" ({', '.join(discrete)} sampled from the guide)" if discrete else ""),
+        "max_rhat": max(c["max_rhat"] for c in sites.values()),
+        "min_ess": min(c["min_ess"] for c in sites.values()),
+        "mean_sd_ratio": sum(c["mean_sd_ratio"] for c in sites.values()) / len(sites),
+        "sites": sites,
+    }
 
 
 def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnosis:
@@ -157,4 +222,6 @@ def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnos
     }
     if rank() == 0:  # under torch.distributed: the sharded estimates above on every rank
         res["latent_sites"] = kl_per_dimension(model.model, model.guide, x, **kw)
+        if o.points > 0:
+            res["nuts"] = nuts_section(run, x_all, o)
     return Diagnosis(results=res, khat=khat)
