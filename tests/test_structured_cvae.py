@@ -116,9 +116,13 @@ def test_label_conditioned_samples_are_classified_as_their_label(tmp_path, capsy
     m = json.loads(capsys.readouterr().out)
     assert "log p(x | y)" in m["log_likelihood_note"]
     assert main(["diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "25",
-                 "--max-points", "20", "--iwae-points", "20", "-q"]) == 0
+                 "--max-points", "20", "--iwae-points", "20", "--points", "2",
+                 "--nuts-samples", "30", "--nuts-warmup", "30", "-q"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["latent_sites"]["z"]["dim"] == 4 and d["psis"]["samples"] == 25
+    nu = d["nuts"]  # p(z | x, y) at each point's own label
+    assert nu["conditioned_on"] == "x and its label y" and nu["summed_out"] == []
+    assert len(nu["sites"]["z"]["q_mean"]) == 2
 
 
 def test_quadrant_cvae_cli(tmp_path, capsys):
@@ -134,7 +138,11 @@ def test_quadrant_cvae_cli(tmp_path, capsys):
     assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.npy"), "-q"]) == 2
     assert "CVAE.complete" in capsys.readouterr().err
     assert main(["diagnose", str(run), "--json", "--iwae-samples", "4", "--khat-samples", "25",
-                 "--max-points", "10", "--iwae-points", "10", "-q"]) == 0
+                 "--max-points", "10", "--iwae-points", "10", "--points", "2",
+                 "--nuts-samples", "30", "--nuts-warmup", "30", "-q"]) == 0
+    nu = json.loads(capsys.readouterr().out)["nuts"]  # p(z | x) given 2 quadrants
+    assert nu["conditioned_on"].startswith("the 2 given quadrant(s)")
+    assert set(nu["sites"]) == {"z"} and len(nu["sites"]["z"]["nuts_sd"][0]) == 4
 
 
 def test_bad_input_one_line(tmp_path, capsys):

@@ -358,6 +358,11 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
         and "c summed out exactly" in out["log_likelihood_note"]
     )
     assert 0.0 < out["cluster_accuracy"] <= 1.0 and 1 <= out["clusters_used"] <= 10
+    p = cli("diagnose", str(run), "--iwae-samples", "8", "--khat-samples", "25", "--max-points",
+            "20", "--iwae-points", "20", "--points", "2", "--nuts-samples", "30",
+            "--nuts-warmup", "30", "-q")
+    assert p.rc == 0, p.stderr  # the text output: NUTS with c summed out, site by site
+    assert "c summed out by enumeration" in p.stdout and "site z: sd ratio q/NUTS" in p.stdout
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
     p = cli("sample", str(run), "--cluster", "3", "-n", "8", "--out", str(tmp_path / "c.npy"))

@@ -210,6 +210,13 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
     assert (tmp_path / "s.png").stat().st_size > 0
+    p = cli("diagnose", str(run), "--json", "--iwae-samples", "8", "--khat-samples", "25",
+            "--max-points", "20", "--iwae-points", "20", "--points", "2", "--nuts-samples",
+            "30", "--nuts-warmup", "30", "-q")
+    assert p.rc == 0, p.stderr
+    nu = json.loads(p.stdout)["nuts"]  # p(z1, z2 | x), both layers jointly, per layer
+    assert set(nu["sites"]) == {"z1", "z2"} and nu["summed_out"] == []
+    assert len(nu["sites"]["z1"]["nuts_mean"][0]) == 8 and len(nu["sites"]["z2"]["q_sd"][0]) == 4
     p = cli("fit", str(cfg), "--out", str(tmp_path / "bad"), "--set", "model.latent_dims=[8]")
     assert p.rc == 2 and "model.latent_dims" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "bad").exists()

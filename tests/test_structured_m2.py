@@ -175,6 +175,12 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
                 "20",
                 "--iwae-points",
                 "20",
+                "--points",
+                "2",
+                "--nuts-samples",
+                "30",
+                "--nuts-warmup",
+                "30",
                 "-q",
             ]
         )
@@ -182,6 +188,11 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
     )
     d = json.loads(capsys.readouterr().out)
     assert d["structured"] and d["latent_sites"]["z"]["dim"] == 4
+    nu = d["nuts"]  # p(z | x) with y summed out, against q(z|x) = sum_y q(y|x) q(z|x,y)
+    assert nu["summed_out"] == ["y"] and set(nu["sites"]) == {"z"} and len(nu["points"]) == 2
+    z = nu["sites"]["z"]
+    assert len(z["nuts_mean"]) == 2 and len(z["nuts_mean"][0]) == 4
+    assert all(s > 0 for row in z["nuts_sd"] for s in row) and nu["max_rhat"] < 2.0
     assert "not run for structured models" in d["not_applicable"]
     assert main(["diagnose", str(run), "--report", str(tmp_path / "r.html"), "-q"]) == 2
 
