@@ -154,16 +154,14 @@ def _print_structured(r: dict) -> None:
     if nu and "skipped" in nu:
         print(f"NUTS: skipped, {nu['skipped']}")
     elif nu:
+        summed = f"; {', '.join(nu['summed_out'])} summed out" if nu["summed_out"] else ""
         print(
-            f"NUTS ({nu['chains']} chains x {nu['warmup']}+{nu['draws']}, {len(nu['points'])} "
-            f"points, given {nu['conditioned_on']}; {nu['target']}): max R-hat "
-            f"{nu['max_rhat']:.3f}, min ESS {nu['min_ess']:.0f}, {nu['divergences']} divergences"
+            f"NUTS on {len(nu['points'])} test points ({nu['chains']} chains x "
+            f"{nu['warmup']}+{nu['draws']}, conditioned on {nu['conditioned_on']}{summed}): max "
+            f"R-hat {nu['max_rhat']:.3f}, min ESS {nu['min_ess']:.0f}, {nu['divergences']} "
+            "divergences"
         )
-        for name, c in nu["sites"].items():
-            print(
-                f"  site {name}: sd ratio q/NUTS {c['mean_sd_ratio']:.2f}, mean |q - NUTS| "
-                f"{c['mean_abs_std_mean_diff']:.2f} NUTS sds"
-            )
+        print(f"  {nu['verdict']}")
     print(r["not_applicable"])
 
 

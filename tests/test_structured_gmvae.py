@@ -362,7 +362,7 @@ def test_cli_fit_evaluate_sample(tmp_path, server):
             "20", "--iwae-points", "20", "--points", "2", "--nuts-samples", "30",
             "--nuts-warmup", "30", "-q")
     assert p.rc == 0, p.stderr  # the text output: NUTS with c summed out, site by site
-    assert "c summed out by enumeration" in p.stdout and "site z: sd ratio q/NUTS" in p.stdout
+    assert "conditioned on x; c summed out" in p.stdout and "z: q is " in p.stdout
     p = cli("sample", str(run), "--out", str(tmp_path / "s.png"), "-q")
     assert p.rc == 0, p.stderr
     p = cli("sample", str(run), "--cluster", "3", "-n", "8", "--out", str(tmp_path / "c.npy"))

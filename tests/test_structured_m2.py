@@ -193,6 +193,7 @@ def test_m2_cli_fit_evaluate_sample_diagnose(tmp_path, capsys):
     z = nu["sites"]["z"]
     assert len(z["nuts_mean"]) == 2 and len(z["nuts_mean"][0]) == 4
     assert all(s > 0 for row in z["nuts_sd"] for s in row) and nu["max_rhat"] < 2.0
+    assert set(nu["unconverged_points"]) <= set(nu["points"]) and "z: q is " in nu["verdict"]
     assert "not run for structured models" in d["not_applicable"]
     assert main(["diagnose", str(run), "--report", str(tmp_path / "r.html"), "-q"]) == 2
 

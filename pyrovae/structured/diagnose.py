@@ -110,6 +110,29 @@ def _condition(model, y: torch.Tensor | None) -> tuple[dict[str, Any], str]:
     return {}, "x"
 
 
+RHAT_OK = 1.05  # split R-hat above this: the chains disagree
+
+
+def _nuts_verdict(sites: dict[str, dict], unconverged: list[int]) -> str:
+    """One sentence per site on q against NUTS, and whether the chains can be trusted."""
+    words = []
+    for name, c in sites.items():
+        r = c["mean_sd_ratio"]
+        width = "too narrow" if r < 0.9 else "too wide" if r > 1.1 else "about as wide"
+        words.append(
+            f"{name}: q is {width} (sd ratio q/NUTS {r:.2f}), its means "
+            f"{c['mean_abs_std_mean_diff']:.2f} NUTS sds off"
+        )
+    trust = (
+        "the chains agree (R-hat <= 1.05 everywhere)"
+        if not unconverged
+        else f"the chains disagree at test points {unconverged} (R-hat > {RHAT_OK}): a "
+        "multimodal posterior (the chains sit in different modes) or too short a run "
+        "(raise --nuts-warmup); read those points' figures with care"
+    )
+    return "; ".join(words) + "; " + trust + "."
+
+
 def nuts_section(run, x_all: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]:
     """NUTS draws of the exact posterior of every continuous latent site (discrete sites
     summed out) for `o.points` test points, compared per site with the guide's marginal."""
@@ -133,7 +156,17 @@ def nuts_section(run, x_all: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]
     discrete = enumerated_sites(model.model, model.guide, xs[:1], **{
         k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
     })
+    unconverged = sorted(
+        {
+            ids[i]
+            for c in sites.values()
+            for i, row in enumerate(c["rhat"])
+            if max(row) > RHAT_OK
+        }
+    )
     return {
+        "verdict": _nuts_verdict(sites, unconverged),
+        "unconverged_points": unconverged,
         "chains": o.chains,
         "draws": o.nuts_samples,
         "warmup": o.nuts_warmup,
