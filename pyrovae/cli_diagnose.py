@@ -145,6 +145,9 @@ def _print_structured(r: dict) -> None:
         f"datapoint ({ll['of']}; {ll['estimator']})"
     )
     print(f"ELBO (1 sample)           {el['mean']:.3f} ± {el['se']:.3f}")
+    if p is None:  # no latent variable
+        print(r["not_applicable"])
+        return
     print(
         f"PSIS k-hat                <0.5: {p['share_below_0.5']:.0%}  0.5-0.7: {p['share_0.5_to_0.7']:.0%}  >0.7: {p['share_above_0.7']:.0%}"
     )

@@ -216,6 +216,12 @@ def test_baseline_run_feeds_the_prior_is_frozen_and_the_run_stands_alone(tmp_pat
     (tmp_path / "b.toml").write_text(tomli_w.dumps(base_cfg))
     base_dir = tmp_path / "base"
     assert main(["fit", str(tmp_path / "b.toml"), "--out", str(base_dir), "-q"]) == 0
+    capsys.readouterr()  # the baseline has no latent variable: diagnose says so, no traceback
+    assert main(["diagnose", str(base_dir), "--json", "--iwae-samples", "4", "--khat-samples",
+                 "25", "--max-points", "10", "--iwae-points", "10", "-q"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["psis"] is None and "no latent variable" in d["not_applicable"] and "nuts" not in d
+    assert d["log_likelihood"]["mean"] == pytest.approx(d["elbo"]["mean"], abs=1e-4)
     base = load_run(base_dir)
     raw = {"model": {**QUADRANTS["model"], "baseline_run": str(base_dir)}, "train": train}
     (tmp_path / "c.toml").write_text(tomli_w.dumps(raw))

@@ -36,6 +36,7 @@ from pyrovae.diagnostics import (
     ACTIVE_THRESHOLD,
     DiagnoseOptions,
     Diagnosis,
+    DiagnosticsError,
     _pick_points,
     _subset,
     compare_posteriors,
@@ -62,6 +63,20 @@ NOT_APPLICABLE = (
     "layers), and the ELBO decomposition into I(x;z) and KL(q(z)||p(z)) (it assumes a prior "
     "p(z) without parents)."
 )
+
+
+NO_LATENT = (
+    "not run: this model has no latent variable (its guide samples nothing), so its "
+    "log-likelihood is exact and equals the ELBO; PSIS k-hat, the KL per dimension, NUTS, the "
+    "amortization gap and the ELBO decomposition do not apply."
+)
+
+
+def _has_latent(guide, x: torch.Tensor, kw: dict) -> bool:
+    """Whether the guide samples any latent site (a `cvae_baseline` samples none)."""
+    with pyro.poutine.block(), torch.no_grad():
+        g = pyro.poutine.trace(guide).get_trace(x, **kw)
+    return any(is_scored(s) and not s["is_observed"] for s in g.nodes.values())
 
 
 def _labels(model, y: torch.Tensor | None) -> dict:
@@ -150,7 +165,10 @@ def nuts_section(run, x_all: torch.Tensor, o: DiagnoseOptions) -> dict[str, Any]
     try:
         nuts = nuts_posterior(*args, jit=True, **opts)
     except Exception:  # noqa: BLE001 - a model that does not trace runs without the JIT
-        nuts = nuts_posterior(*args, **opts)
+        try:
+            nuts = nuts_posterior(*args, **opts)
+        except DiagnosticsError as e:  # e.g. a user's site without one row per datapoint
+            return {"skipped": str(e)}
     idata = sites_inference_data(nuts.sites, q, xs, point_ids=ids)
     sites = {k: compare_posteriors(idata, k) for k in nuts.sites}
     discrete = enumerated_sites(model.model, model.guide, xs[:1], **{
@@ -230,7 +248,8 @@ def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnos
                 ))
         return khat_from_log_weights(torch.cat(lw, 1))
 
-    khat = labelled(khat_of, x, y)
+    latent = _has_latent(model.guide, x[:1], _labels(model, None if y is None else y[:1]))
+    khat = labelled(khat_of, x, y) if latent else None
     summed = ", ".join(sites) or "none"
     res: dict[str, Any] = {
         "kind": run.config.model.kind,
@@ -250,9 +269,12 @@ def diagnose_structured(run, x_all: torch.Tensor, o: DiagnoseOptions) -> Diagnos
         },
         "elbo": {"mean": el_mean, "se": el_se, "particles": 1, "points": int(xi.shape[0])},
         "bound_gap": ll_mean - el_mean,
-        "psis": {"samples": o.khat_samples, **khat_summary(khat)},
-        "not_applicable": NOT_APPLICABLE,
+        "psis": {"samples": o.khat_samples, **khat_summary(khat)} if latent else None,
+        "not_applicable": NOT_APPLICABLE if latent else NO_LATENT,
     }
+    if not latent:
+        res["log_likelihood"]["estimator"] = "exact (no latent variable: every weight is p(x))"
+        return Diagnosis(results=res)
     if rank() == 0:  # under torch.distributed: the sharded estimates above on every rank
         res["latent_sites"] = kl_per_dimension(model.model, model.guide, x, **kw)
         if o.points > 0:
