@@ -445,7 +445,7 @@ def collapse_verdict(d: ELBODecomposition) -> str:
 @dataclass
 class NUTSResult:
     """NUTS draws for a few datapoints: `z` is the latent site's `(chains, draws, points, d)`;
-    `sites` holds every continuous latent site so (a hierarchical model's `z1`, `z2`, ...)."""
+    `sites` holds every continuous latent site (a hierarchical model's `z1`, `z2`, ...)."""
 
     z: torch.Tensor
     divergences: int
